@@ -1,0 +1,49 @@
+# Two commands for a new user: `make run` and `make test`. Each creates .venv and installs the
+# package with what it needs; PostgreSQL comes from DATABASE_URL / TEST_DATABASE_URL when set,
+# else from an embedded cluster in .data/ (no root, no Docker, no running server needed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest bench schemas clean distclean db-stop
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/exportlog run
+
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check schemas services tests bench
+	$(BIN)/ruff format --check schemas services tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+schemas: $(STAMP)
+	$(BIN)/python -m schemas.jsonschema
+
+db-stop: $(STAMP)
+	$(BIN)/exportlog db stop
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache bench/results
+
+distclean: clean
+	-$(BIN)/exportlog db stop
+	rm -rf $(VENV) .data

@@ -1,0 +1,120 @@
+"""The hash chain over each job's events, as the database computes it.
+
+Each event's hash covers the previous event's hash and the event's own stored fields, so changing
+or removing any stored event breaks every link after it. The database extends the chain on insert
+(see `migrations/`); this module recomputes it independently, for the verifier and for auditors
+checking an exported history offline.
+
+Fields are length-prefixed (`<bytes>:<value>,`) so that no shift of text between two fields can
+produce the same input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+import msgspec
+
+GENESIS_HASH = bytes(32)
+"""The `prev_hash` of every job's first event."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _field(value: str) -> bytes:
+    raw = value.encode()
+    return b"%d:%s," % (len(raw), raw)
+
+
+def epoch_micros(moment: datetime) -> int:
+    """Microseconds since the Unix epoch, exactly, for an aware datetime."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+class ChainLink(msgspec.Struct, frozen=True, kw_only=True):
+    """The stored fields of one event that its hash covers."""
+
+    job_id: UUID
+    seq: int
+    event_id: UUID
+    type: str
+    actor: str
+    project_id: str
+    owner_id: str
+    occurred_at: datetime
+    data: str
+    """The payload's JSON text exactly as stored."""
+    prev_hash: bytes
+    hash: bytes
+
+
+def event_hash(prev_hash: bytes, link: ChainLink) -> bytes:
+    """SHA-256 of the previous hash followed by the event's length-prefixed fields."""
+    digest = hashlib.sha256(prev_hash)
+    digest.update(
+        b"".join(
+            (
+                _field(str(link.job_id)),
+                _field(str(link.seq)),
+                _field(str(link.event_id)),
+                _field(link.type),
+                _field(link.actor),
+                _field(link.project_id),
+                _field(link.owner_id),
+                _field(str(epoch_micros(link.occurred_at))),
+                _field(link.data),
+            )
+        )
+    )
+    return digest.digest()
+
+
+class BrokenLink(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The first place where a job's stored events stop matching their chain."""
+
+    seq: int
+    event_id: UUID | None
+    reason: str
+
+
+def verify_chain(
+    links: list[ChainLink], *, expected_last_seq: int | None = None
+) -> BrokenLink | None:
+    """Check a job's events from seq 1 in order; return the first broken link, or None.
+
+    A link is broken when its seq is not the next one (an event removed), its `prev_hash` is not
+    the previous event's hash (an event removed or re-chained), or its hash does not match its
+    fields (an event altered). `expected_last_seq`, when known from elsewhere (the jobs
+    projection), also catches events removed from the end.
+    """
+    prev = GENESIS_HASH
+    seq = 0
+    for link in links:
+        if link.seq != seq + 1:
+            return BrokenLink(
+                seq=seq + 1,
+                event_id=None,
+                reason=f"event {seq + 1} is missing (next is {link.seq})",
+            )
+        if link.prev_hash != prev:
+            return BrokenLink(
+                seq=link.seq,
+                event_id=link.event_id,
+                reason="prev_hash does not match the previous event",
+            )
+        if event_hash(prev, link) != link.hash:
+            return BrokenLink(
+                seq=link.seq, event_id=link.event_id, reason="hash does not match the stored fields"
+            )
+        prev = link.hash
+        seq = link.seq
+    if expected_last_seq is not None and seq < expected_last_seq:
+        return BrokenLink(
+            seq=seq + 1,
+            event_id=None,
+            reason=f"events {seq + 1} to {expected_last_seq} are missing",
+        )
+    return None

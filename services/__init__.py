@@ -1,0 +1,1 @@
+"""The export service, the WebSocket gateway, and what they share."""

@@ -1,0 +1,220 @@
+"""`exportlog`: run the whole stack for development, manage its database, verify jobs.
+
+    exportlog run                 PostgreSQL (embedded unless DATABASE_URL is set), migrations,
+                                  the export service and the gateway; Ctrl-C stops everything
+    exportlog db start|stop|url   the embedded PostgreSQL in the data folder
+    exportlog migrate             apply migrations to DATABASE_URL (or the embedded server)
+    exportlog verify JOB_ID       recompute a job's hash chain and name its first broken link
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import msgspec
+
+from services.common.db import create_pool, migrate
+from services.common.eventlog import EventLog
+from services.common.logs import configure_logging
+from services.common.settings import SettingsError, from_env
+
+
+@dataclass(frozen=True, slots=True)
+class CliConfig:
+    database_url: str = field(
+        default="", metadata={"fallback": "DATABASE_URL", "help": "PostgreSQL DSN"}
+    )
+    data_dir: str = field(
+        default=".data", metadata={"help": "where the embedded PostgreSQL keeps its cluster"}
+    )
+    export_port: int = field(default=8080, metadata={"help": "export service port for `run`"})
+    gateway_port: int = field(default=8081, metadata={"help": "gateway port for `run`"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address the services listen on"})
+
+
+def _embedded(config: CliConfig):  # type: ignore[no-untyped-def]
+    from services.common.embedded import EmbeddedPostgres
+
+    return EmbeddedPostgres(Path(config.data_dir) / "pg")
+
+
+def _database_url(config: CliConfig) -> tuple[str, object | None]:
+    """The configured DSN, or the embedded server's (started if need be)."""
+    if config.database_url:
+        return config.database_url, None
+    server = _embedded(config)
+    return server.start(), server
+
+
+async def _wait_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+
+async def _stop(process: asyncio.subprocess.Process, timeout: float = 15) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
+    """Start the database, migrate, start both services, and wait for Ctrl-C."""
+    dsn, server = _database_url(config)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        env = dict(environ)
+        env.update(
+            DATABASE_URL=dsn,
+            EXPORT_HOST=config.host,
+            EXPORT_PORT=str(config.export_port),
+            EXPORT_MIGRATE="false",
+            GATEWAY_HOST=config.host,
+            GATEWAY_PORT=str(config.gateway_port),
+        )
+        services = {
+            "export service": await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.export", env=env
+            ),
+            "gateway": await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.gateway", env=env
+            ),
+        }
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            export_url = f"http://{config.host}:{config.export_port}"
+            gateway_url = f"ws://{config.host}:{config.gateway_port}"
+            await _wait_ready(f"{export_url}/readyz", 30)
+            await _wait_ready(f"http://{config.host}:{config.gateway_port}/readyz", 30)
+            where = "embedded, in " + str(Path(config.data_dir) / "pg") if server else "DATABASE_URL"
+            print(
+                f"\n  database        {_redact(dsn)}  ({where})\n"
+                f"  export service  {export_url}   (health {export_url}/healthz, "
+                f"metrics {export_url}/metrics)\n"
+                f"  gateway         {gateway_url}    (health http://{config.host}:"
+                f"{config.gateway_port}/healthz)\n\n  Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            exited = [asyncio.create_task(p.wait()) for p in services.values()]
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([stopping, *exited], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in exited:
+                task.cancel()
+            for name, process in services.items():
+                if process.returncode not in (None, 0):
+                    print(f"{name} exited with status {process.returncode}", file=sys.stderr)
+        finally:
+            await asyncio.gather(*(_stop(p) for p in services.values()))
+        return 0
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+
+
+def _redact(dsn: str) -> str:
+    if "@" not in dsn or "://" not in dsn:
+        return dsn
+    scheme, rest = dsn.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in credentials else ''}@{host}"
+
+
+async def _migrate(config: CliConfig) -> int:
+    dsn, server = _database_url(config)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            applied = await migrate(conn)
+        finally:
+            await conn.close()
+        print(f"applied {applied}" if applied else "already up to date")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+
+
+async def _verify(config: CliConfig, job_id: uuid.UUID) -> int:
+    dsn, _server = _database_url(config)
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        report = await EventLog(pool).verify(job_id)
+    finally:
+        await pool.close()
+    print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    if report.events_checked == 0:
+        return 2
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="exportlog", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run PostgreSQL, the export service and the gateway")
+    db = commands.add_parser("db", help="the embedded PostgreSQL")
+    db.add_argument("action", choices=["start", "stop", "url"])
+    commands.add_parser("migrate", help="apply migrations")
+    verify = commands.add_parser("verify", help="verify a job's hash chain")
+    verify.add_argument("job_id", type=uuid.UUID)
+    args = parser.parse_args(argv)
+
+    try:
+        config = from_env(CliConfig, "EXPORTLOG", os.environ)
+    except SettingsError as exc:
+        parser.exit(2, f"exportlog: {exc}\n")
+    configure_logging("info")
+
+    if args.command == "run":
+        sys.exit(asyncio.run(run_stack(config, os.environ)))
+    if args.command == "db":
+        server = _embedded(config)
+        if args.action == "start":
+            print(server.start())
+        elif args.action == "stop":
+            server.stop()
+        else:
+            print(server.url if server.is_running() else "not running")
+        return
+    if args.command == "migrate":
+        sys.exit(asyncio.run(_migrate(config)))
+    if args.command == "verify":
+        sys.exit(asyncio.run(_verify(config, args.job_id)))
+
+
+if __name__ == "__main__":
+    main()

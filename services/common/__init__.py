@@ -1,0 +1,1 @@
+"""Code both services share that is not contract: database, logging, configuration helpers."""

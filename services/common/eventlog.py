@@ -1,0 +1,467 @@
+"""The event log: append, read, tail and verify, over PostgreSQL.
+
+The database enforces the rules (see `schemas/migrations/0001_event_log.sql`); this module turns
+them into typed results and errors, keeps the jobs projection equal to `fold(events)` by folding
+each append before it is written, and writes every append with one round trip.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+import msgspec
+import structlog
+
+from schemas.chain import BrokenLink, ChainLink, verify_chain
+from schemas.events import Event, EventData, encode_data, type_of
+from schemas.state import JobState, fold, replay
+
+from .queries import QUERIES
+
+log = structlog.get_logger(__name__)
+
+_state_encoder = msgspec.json.Encoder()
+_state_decoder = msgspec.json.Decoder(JobState)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventLogError(Exception):
+    """Base of every error the event log raises."""
+
+
+class ConflictError(EventLogError):
+    """The job's stream is not at the expected seq: someone else appended first."""
+
+    def __init__(self, job_id: UUID, expected_seq: int, actual_seq: int) -> None:
+        super().__init__(
+            f"job {job_id}: expected to append after seq {expected_seq}, "
+            f"but the stream is at seq {actual_seq}"
+        )
+        self.job_id = job_id
+        self.expected_seq = expected_seq
+        self.actual_seq = actual_seq
+
+
+class JobClosedError(EventLogError):
+    """The append would break the job's lifecycle: it has ended, or is not ready for it."""
+
+    def __init__(self, job_id: UUID, detail: str, *, current_seq: int | None = None) -> None:
+        super().__init__(f"job {job_id}: {detail}")
+        self.job_id = job_id
+        self.current_seq = current_seq
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event to append: its payload, who caused it, and an id that makes retries safe."""
+
+    data: EventData
+    actor: str
+    event_id: UUID = msgspec.field(default_factory=uuid4)
+    occurred_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: UUID
+    expected_seq: int
+    events: Sequence[NewEvent]
+    project_id: str | None = None
+    owner_id: str | None = None
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an append's events are stored. `duplicate` means they were stored by an earlier try."""
+
+    job_id: UUID
+    first_seq: int
+    last_seq: int
+    first_position: int
+    last_position: int
+    duplicate: bool = False
+    state: JobState | None = None
+    """The job's state after the append (None for a duplicate: it may have moved on since)."""
+
+
+class VerifyReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    job_id: UUID
+    events_checked: int
+    last_seq: int
+    ok: bool
+    broken: BrokenLink | None = None
+
+
+def event_from_row(row: asyncpg.Record) -> Event:
+    """An event as read from the log; its payload stays raw JSON until someone needs it typed."""
+    return Event(
+        job_id=row["job_id"],
+        project_id=row["project_id"],
+        seq=row["seq"],
+        position=row["position"],
+        event_id=row["event_id"],
+        type=row["type"],
+        occurred_at=row["occurred_at"],
+        actor=row["actor"],
+        data=msgspec.Raw(row["data"]),
+    )
+
+
+class _Prepared(msgspec.Struct):
+    request: AppendRequest
+    project_id: str
+    owner_id: str
+    state: JobState | None
+
+
+class EventLog:
+    """Appends to and reads from the log through a connection pool.
+
+    Keeps a bounded cache of the latest folded state of the jobs it wrote, so that the common
+    case, a worker appending to its own job, costs one round trip: the state at a seq never
+    changes, and the database checks the seq under the job's row lock.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, notify: bool = True, state_cache_size: int = 10_000
+    ) -> None:
+        self._pool = pool
+        self._notify = notify
+        self._cache_size = state_cache_size
+        self._states: OrderedDict[UUID, JobState] = OrderedDict()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def append(
+        self,
+        job_id: UUID,
+        expected_seq: int,
+        events: Sequence[NewEvent],
+        *,
+        project_id: str | None = None,
+        owner_id: str | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> AppendResult:
+        """Append events to a job whose stream is at `expected_seq` (0 for a new job).
+
+        Raises ConflictError if the stream has moved on, JobClosedError if the job's lifecycle
+        refuses the events. Appending events whose ids are all stored already is a no-op that
+        returns where they are. With `conn`, the append joins that connection's transaction
+        (to commit it together with other writes, such as a job claim).
+        """
+        request = AppendRequest(
+            job_id=job_id,
+            expected_seq=expected_seq,
+            events=events,
+            project_id=project_id,
+            owner_id=owner_id,
+        )
+        (result,) = await self.append_many([request], conn=conn)
+        if isinstance(result, EventLogError):
+            raise result
+        return result
+
+    async def append_many(
+        self, requests: Sequence[AppendRequest], *, conn: asyncpg.Connection | None = None
+    ) -> list[AppendResult | EventLogError]:
+        """Append to many jobs in one transaction; each append succeeds or fails on its own.
+
+        Results come back in the order of `requests`. Several appends to one job are allowed
+        when each expects the seq the previous one leaves.
+        """
+        for request in requests:
+            if not request.events:
+                raise ValueError("an append needs at least one event")
+            if request.expected_seq < 0:
+                raise ValueError("expected_seq cannot be negative")
+            if request.expected_seq == 0 and (not request.project_id or not request.owner_id):
+                raise ValueError("a new job's first append needs project_id and owner_id")
+        # Sorted by job id (stable, so one job's appends keep their order): concurrent batches
+        # then lock job rows in the same order and cannot deadlock.
+        order = sorted(range(len(requests)), key=lambda i: requests[i].job_id.bytes)
+        ordered = [requests[i] for i in order]
+        if conn is None:
+            async with self._pool.acquire() as own:
+                rows, prepared = await self._append(own, ordered)
+            remember = True
+        else:
+            rows, prepared = await self._append(conn, ordered)
+            # The caller's transaction may still roll back: a state it has not committed must
+            # not be taken for the state at that seq.
+            remember = False
+        results: list[AppendResult | EventLogError] = [None] * len(requests)  # type: ignore[list-item]
+        for slot, item, row in zip(order, prepared, rows, strict=True):
+            results[slot] = self._result(item, row, remember=remember)
+        return results
+
+    async def _append(
+        self, conn: asyncpg.Connection, requests: Sequence[AppendRequest]
+    ) -> tuple[list[asyncpg.Record], list[_Prepared]]:
+        prepared = await self._prepare(conn, requests)
+        rows = await conn.fetch(QUERIES["append_events"], *self._arguments(prepared))
+        return rows, prepared
+
+    async def _prepare(
+        self, conn: asyncpg.Connection, requests: Sequence[AppendRequest]
+    ) -> list[_Prepared]:
+        prepared: list[_Prepared] = []
+        in_batch: dict[UUID, JobState] = {}
+        for request in requests:
+            state: JobState | None
+            if request.expected_seq == 0:
+                assert request.project_id is not None
+                assert request.owner_id is not None
+                project_id, owner_id, state = request.project_id, request.owner_id, None
+                known = True
+            else:
+                state = in_batch.get(request.job_id) or self._cached(request.job_id)
+                known = state is not None and state.seq == request.expected_seq
+                if not known:
+                    head = await conn.fetchrow(QUERIES["job_head"], request.job_id)
+                    if head is not None and head["last_seq"] == request.expected_seq:
+                        state = _state_decoder.decode(head["state"])
+                        known = True
+                    elif head is None:
+                        # Unknown job: the database answers conflict (or duplicate, for a retry
+                        # whose events exist); there is no state to fold.
+                        state = None
+                project_id = state.project_id if known and state is not None else ""
+                owner_id = ""
+            if known:
+                for offset, new in enumerate(request.events, start=1):
+                    state = fold(
+                        state,
+                        Event(
+                            job_id=request.job_id,
+                            project_id=project_id,
+                            seq=request.expected_seq + offset,
+                            position=0,
+                            event_id=new.event_id,
+                            type=type_of(new.data),
+                            occurred_at=new.occurred_at,
+                            actor=new.actor,
+                            data=new.data,
+                        ),
+                    )
+                assert state is not None
+                in_batch[request.job_id] = state
+            prepared.append(
+                _Prepared(
+                    request=request,
+                    project_id=project_id,
+                    owner_id=owner_id,
+                    state=state if known else None,
+                )
+            )
+        return prepared
+
+    def _arguments(self, prepared: Sequence[_Prepared]) -> list[Any]:
+        job_ids: list[UUID] = []
+        expected: list[int] = []
+        counts: list[int] = []
+        projects: list[str] = []
+        owners: list[str] = []
+        statuses: list[str] = []
+        states: list[str] = []
+        ids: list[UUID] = []
+        types: list[str] = []
+        data: list[str] = []
+        actors: list[str] = []
+        occurred: list[datetime] = []
+        for item in prepared:
+            request = item.request
+            job_ids.append(request.job_id)
+            expected.append(request.expected_seq)
+            counts.append(len(request.events))
+            projects.append(item.project_id)
+            owners.append(item.owner_id)
+            if item.state is None:
+                statuses.append("")
+                states.append("{}")
+            else:
+                statuses.append(item.state.status)
+                states.append(_state_encoder.encode(item.state).decode())
+            for new in request.events:
+                ids.append(new.event_id)
+                types.append(type_of(new.data))
+                data.append(encode_data(new.data).decode())
+                actors.append(new.actor)
+                occurred.append(new.occurred_at)
+        return [
+            job_ids, expected, counts, projects, owners, statuses, states,
+            ids, types, data, actors, occurred, self._notify,
+        ]  # fmt: skip
+
+    def _result(
+        self, item: _Prepared, row: asyncpg.Record, *, remember: bool
+    ) -> AppendResult | EventLogError:
+        request = item.request
+        outcome: str = row["result"]
+        current_seq: int = row["current_seq"] or 0
+        count = len(request.events)
+        if outcome == "ok":
+            assert item.state is not None
+            if remember:
+                self._remember(item.state)
+            else:
+                self._states.pop(request.job_id, None)
+            return AppendResult(
+                job_id=request.job_id,
+                first_seq=current_seq - count + 1,
+                last_seq=current_seq,
+                first_position=row["first_position"],
+                last_position=row["last_position"],
+                state=item.state,
+            )
+        if outcome == "duplicate":
+            return AppendResult(
+                job_id=request.job_id,
+                first_seq=current_seq - count + 1,
+                last_seq=current_seq,
+                first_position=row["first_position"],
+                last_position=row["last_position"],
+                duplicate=True,
+            )
+        self._states.pop(request.job_id, None)
+        if outcome == "conflict":
+            return ConflictError(request.job_id, request.expected_seq, current_seq)
+        return JobClosedError(
+            request.job_id,
+            "the job's lifecycle refuses "
+            + ", ".join(type_of(e.data) for e in request.events)
+            + f" after seq {current_seq}",
+            current_seq=current_seq,
+        )
+
+    def _cached(self, job_id: UUID) -> JobState | None:
+        state = self._states.get(job_id)
+        if state is not None:
+            self._states.move_to_end(job_id)
+        return state
+
+    def _remember(self, state: JobState) -> None:
+        if state.is_terminal and state.status != "completed":
+            self._states.pop(state.job_id, None)
+            return
+        self._states[state.job_id] = state
+        self._states.move_to_end(state.job_id)
+        while len(self._states) > self._cache_size:
+            self._states.popitem(last=False)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read_stream(
+        self, job_id: UUID, after_seq: int = 0, limit: int | None = None
+    ) -> list[Event]:
+        """A job's events after `after_seq`, in seq order (all of them without a limit)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["read_stream"], job_id, after_seq, limit)
+        return [event_from_row(row) for row in rows]
+
+    async def tail(self, cursor: int, limit: int = 1000) -> list[Event]:
+        """Up to `limit` events after global position `cursor`, in position order.
+
+        Never skips: once this has returned position p, no event below p can appear later.
+        """
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["tail"], cursor, limit)
+        return [event_from_row(row) for row in rows]
+
+    async def head_position(self) -> int:
+        """The highest committed position."""
+        async with self._pool.acquire() as conn:
+            value: int = await conn.fetchval(QUERIES["head_position"])
+        return value
+
+    async def job_state(self, job_id: UUID) -> JobState | None:
+        """The job's state from the projection (equal to the fold of its events)."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["job_head"], job_id)
+        if row is None:
+            return None
+        return _state_decoder.decode(row["state"])
+
+    async def verify(self, job_id: UUID) -> VerifyReport:
+        """Recompute a job's hash chain from its stored events; name the first broken link."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["chain_links"], job_id)
+            head = await conn.fetchrow(QUERIES["job_head"], job_id)
+        links = [
+            ChainLink(
+                job_id=row["job_id"],
+                seq=row["seq"],
+                event_id=row["event_id"],
+                type=row["type"],
+                actor=row["actor"],
+                project_id=row["project_id"],
+                owner_id=row["owner_id"],
+                occurred_at=row["occurred_at"],
+                data=row["data"],
+                prev_hash=bytes(row["prev_hash"]),
+                hash=bytes(row["hash"]),
+            )
+            for row in rows
+        ]
+        expected_last = head["last_seq"] if head is not None else None
+        broken = verify_chain(links, expected_last_seq=expected_last)
+        return VerifyReport(
+            job_id=job_id,
+            events_checked=len(links),
+            last_seq=links[-1].seq if links else 0,
+            ok=broken is None,
+            broken=broken,
+        )
+
+    # -- the projection --------------------------------------------------------------------
+
+    async def rebuild_projection(self, job_ids: Iterable[UUID] | None = None) -> int:
+        """Recompute jobs rows from the log (all jobs, or the given ones); return how many."""
+        async with self._pool.acquire() as conn:
+            if job_ids is not None:
+                return await self._rebuild(conn, list(job_ids))
+            count = 0
+            after = UUID(int=0)
+            while True:
+                page = [
+                    row["job_id"] for row in await conn.fetch(QUERIES["job_ids_page"], after, 500)
+                ]
+                if not page:
+                    return count
+                count += await self._rebuild(conn, page)
+                after = page[-1]
+
+    async def _rebuild(self, conn: asyncpg.Connection, job_ids: list[UUID]) -> int:
+        count = 0
+        for job_id in job_ids:
+            async with conn.transaction():
+                # Appends hold this row lock too: the stream cannot move while it is folded.
+                await conn.execute(QUERIES["lock_job"], job_id)
+                rows = await conn.fetch(QUERIES["read_stream"], job_id, 0, None)
+                if not rows:
+                    continue
+                state = replay(event_from_row(row) for row in rows)
+                assert state is not None
+                owner = await conn.fetchrow(QUERIES["job_owner"], job_id)
+                await conn.execute(
+                    QUERIES["upsert_projection"],
+                    job_id,
+                    state.project_id,
+                    owner["owner_id"],
+                    state.status,
+                    state.seq,
+                    rows[-1]["position"],
+                    _state_encoder.encode(state).decode(),
+                    owner["recorded_at"],
+                )
+            self._states.pop(job_id, None)
+            count += 1
+        return count

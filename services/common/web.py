@@ -1,0 +1,123 @@
+"""HTTP pieces both services use: JSON errors, Prometheus exposition, health answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+log = structlog.get_logger(__name__)
+_encoder = msgspec.json.Encoder()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class ErrorResponse(msgspec.Struct, frozen=True):
+    error: ErrorBody
+
+
+def json_response(
+    value: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Encode with msgspec (Structs, UUIDs, datetimes, Raw payloads) into a JSON response."""
+    return web.Response(
+        body=_encoder.encode(value),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response(ErrorResponse(ErrorBody(code, message)), status=status)
+
+
+class HttpMetrics:
+    """Request counts and latencies by route, in a registry of the application's own."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests answered",
+            ["service", "route", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ["service", "route"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.service = service
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def error_middleware(metrics: HttpMetrics) -> Middleware:
+    """Answer every failure as a JSON error, count and time every request.
+
+    A 4xx says what was wrong with the request; anything unexpected is logged with its
+    traceback and answered with a 500 that says nothing more.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        route_name = route.canonical if route is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status >= 400 and exc.content_type != "application/json":
+                return error_response(exc.status, _code(exc.status), exc.reason)
+            raise
+        except Exception:
+            log.exception("request failed", path=request.path, method=request.method)
+            return error_response(500, "internal", "internal error")
+        finally:
+            metrics.requests.labels(metrics.service, route_name, request.method, str(status)).inc()
+            metrics.latency.labels(metrics.service, route_name).observe(
+                time.perf_counter() - started
+            )
+
+    return middleware
+
+
+def _code(status: int) -> str:
+    return {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        413: "too_large",
+        415: "unsupported_media_type",
+        422: "invalid",
+        429: "too_many_requests",
+        503: "unavailable",
+    }.get(status, "error")

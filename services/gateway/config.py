@@ -1,0 +1,23 @@
+"""The gateway's settings: GATEWAY_* environment variables, read once in __main__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    database_url: str = field(
+        default="", metadata={"fallback": "DATABASE_URL", "help": "PostgreSQL DSN"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8081, metadata={"help": "WebSocket and HTTP port (0: a free one)"})
+    pool_max: int = field(default=8, metadata={"help": "database connections at most"})
+    poll_interval: float = field(
+        default=1.0, metadata={"help": "seconds between reads of the log when no NOTIFY arrives"}
+    )
+    tail_batch: int = field(default=1000, metadata={"help": "events per tailing query"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    log_json: bool | None = field(
+        default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}
+    )

@@ -1,0 +1,151 @@
+"""Guarantee 3: a reader tailing the log by position never skips an event.
+
+The trap: positions come from a sequence when a row is formed, but become visible when its
+transaction commits. If position 10's transaction commits after position 11's, a reader can read
+11, move its cursor past 10, and never see 10. The log hands out positions in commit order (an
+append lock held from the first position drawn to the commit), so this cannot happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+
+import asyncpg
+
+from services.common.eventlog import EventLog
+from tests.support import new_job, progress, wait_for
+
+
+async def _lock_waiters(pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+    return count
+
+
+async def test_a_late_commit_holds_back_later_positions(pool: asyncpg.Pool) -> None:
+    log = EventLog(pool)
+    first_job, second_job = await new_job(log), await new_job(log)
+    cursor = await log.head_position()
+
+    slow = await pool.acquire()
+    fast_task: asyncio.Task[object] | None = None
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        await log.append(first_job, 2, [progress(1)], conn=slow)  # draws the next position
+
+        fast_task = asyncio.create_task(log.append(second_job, 2, [progress(1)]))
+        # The second append waits for the first to commit before it can draw a position.
+        await wait_for(lambda: _has_waiter(pool))
+        assert not fast_task.done()
+        assert await log.tail(cursor) == []
+
+        await transaction.commit()
+        await asyncio.wait_for(fast_task, 10)
+    finally:
+        if fast_task is not None and not fast_task.done():
+            fast_task.cancel()
+        await pool.release(slow)
+
+    seen = await log.tail(cursor)
+    assert [(e.job_id, e.seq) for e in seen] == [(first_job, 3), (second_job, 3)]
+    assert seen[0].position < seen[1].position
+
+
+async def _has_waiter(pool: asyncpg.Pool) -> bool:
+    return await _lock_waiters(pool) > 0
+
+
+async def test_without_the_append_lock_a_tailer_would_skip(pool: asyncpg.Pool) -> None:
+    """The trap is real: with the lock switched off, the same schedule loses an event."""
+    log = EventLog(pool)
+    first_job, second_job = await new_job(log), await new_job(log)
+    async with pool.acquire() as conn:
+        await conn.execute("ALTER TABLE events DISABLE TRIGGER events_serialize_appends")
+    cursor = await log.head_position()
+
+    async with pool.acquire() as slow:
+        transaction = slow.transaction()
+        await transaction.start()
+        await log.append(first_job, 2, [progress(1)], conn=slow)  # position p, not committed
+        await log.append(second_job, 2, [progress(1)])  # position p + 1, committed
+        seen = await log.tail(cursor)
+        assert [e.job_id for e in seen] == [second_job]
+        cursor = seen[-1].position
+        await transaction.commit()
+
+    assert await log.tail(cursor) == []  # the event at position p is never seen
+    assert len(await log.read_stream(first_job, after_seq=2)) == 1
+
+
+async def test_tailer_sees_every_event_once_in_order_despite_late_commits(
+    pool: asyncpg.Pool,
+) -> None:
+    writers, rounds = 8, 30
+    log = EventLog(pool)
+    jobs = [await new_job(log) for _ in range(writers)]
+    start = await log.head_position()
+    done = asyncio.Event()
+
+    async def writer(job_id: uuid.UUID, seed: int) -> None:
+        rng = random.Random(seed)
+        seq = 2
+        async with pool.acquire() as conn:
+            for _ in range(rounds):
+                transaction = conn.transaction()
+                await transaction.start()
+                count = rng.randint(1, 3)
+                await log.append(job_id, seq, [progress(seq) for _ in range(count)], conn=conn)
+                # Hold the commit back for a while, so commits land out of position order
+                # if anything lets them.
+                await asyncio.sleep(rng.random() * 0.003)
+                if rng.random() < 0.1:
+                    await transaction.rollback()  # leaves a hole in the positions
+                else:
+                    await transaction.commit()
+                    seq += count
+
+    seen: list[tuple[int, uuid.UUID, int]] = []
+
+    async def tailer() -> None:
+        cursor = start
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            finished = done.is_set()
+            batch = await log.tail(cursor, 50)
+            for event in batch:
+                assert event.position > cursor
+                cursor = event.position
+                seen.append((event.position, event.job_id, event.seq))
+            if finished and not batch:
+                return
+            if not batch:
+                await asyncio.sleep(0.0005)
+        raise AssertionError("tailer did not finish")
+
+    async def writers_then_done() -> None:
+        await asyncio.gather(*(writer(job, i) for i, job in enumerate(jobs)))
+        done.set()
+
+    await asyncio.gather(writers_then_done(), tailer())
+
+    async with pool.acquire() as conn:
+        stored = [
+            (r["position"], r["job_id"], r["seq"])
+            for r in await conn.fetch(
+                "SELECT position, job_id, seq FROM events WHERE position > $1 ORDER BY position",
+                start,
+            )
+        ]
+    assert len(stored) > writers * rounds  # most of the transactions committed
+    assert seen == stored  # every event once, in position order
+    per_job: dict[uuid.UUID, list[int]] = {}
+    for _, job_id, seq in seen:
+        per_job.setdefault(job_id, []).append(seq)
+    for seqs in per_job.values():
+        assert seqs == list(range(3, 3 + len(seqs)))
