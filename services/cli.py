@@ -58,10 +58,15 @@ def _database_url(config: CliConfig) -> tuple[str, object | None]:
     return server.start(), server
 
 
-async def _wait_ready(url: str, timeout: float) -> None:
+async def _wait_ready(
+    url: str, timeout: float, processes: Mapping[str, asyncio.subprocess.Process]
+) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
+            for name, process in processes.items():
+                if process.returncode is not None:
+                    raise RuntimeError(f"the {name} exited with status {process.returncode}")
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
@@ -117,8 +122,8 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
         try:
             export_url = f"http://{config.host}:{config.export_port}"
             gateway_url = f"ws://{config.host}:{config.gateway_port}"
-            await _wait_ready(f"{export_url}/readyz", 30)
-            await _wait_ready(f"http://{config.host}:{config.gateway_port}/readyz", 30)
+            await _wait_ready(f"{export_url}/readyz", 30, services)
+            await _wait_ready(f"http://{config.host}:{config.gateway_port}/readyz", 30, services)
             where = "embedded, in " + str(Path(config.data_dir) / "pg") if server else "DATABASE_URL"
             print(
                 f"\n  database        {_redact(dsn)}  ({where})\n"
@@ -200,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("info")
 
     if args.command == "run":
-        sys.exit(asyncio.run(run_stack(config, os.environ)))
+        try:
+            sys.exit(asyncio.run(run_stack(config, os.environ)))
+        except (RuntimeError, TimeoutError) as exc:
+            sys.exit(f"exportlog run: {exc}")
     if args.command == "db":
         server = _embedded(config)
         if args.action == "start":
