@@ -1,10 +1,10 @@
 """`exportlog`: run the whole stack for development, manage its database, verify jobs.
 
-    exportlog run                 PostgreSQL (embedded unless DATABASE_URL is set), migrations,
-                                  the export service and the gateway; Ctrl-C stops everything
-    exportlog db start|stop|url   the embedded PostgreSQL in the data folder
-    exportlog migrate             apply migrations to DATABASE_URL (or the embedded server)
-    exportlog verify JOB_ID       recompute a job's hash chain and name its first broken link
+exportlog run                 PostgreSQL (embedded unless DATABASE_URL is set), migrations,
+                              the export service and the gateway; Ctrl-C stops everything
+exportlog db start|stop|url   the embedded PostgreSQL in the data folder
+exportlog migrate             apply migrations to DATABASE_URL (or the embedded server)
+exportlog verify JOB_ID       recompute a job's hash chain and name its first broken link
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
             gateway_url = f"ws://{config.host}:{config.gateway_port}"
             await _wait_ready(f"{export_url}/readyz", 30, services)
             await _wait_ready(f"http://{config.host}:{config.gateway_port}/readyz", 30, services)
-            where = "embedded, in " + str(Path(config.data_dir) / "pg") if server else "DATABASE_URL"
+            where = (
+                "embedded, in " + str(Path(config.data_dir) / "pg") if server else "DATABASE_URL"
+            )
             print(
                 f"\n  database        {_redact(dsn)}  ({where})\n"
                 f"  export service  {export_url}   (health {export_url}/healthz, "

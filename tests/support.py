@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,11 +49,16 @@ async def new_job(log: EventLog, *, project: str = "p1", owner: str = "alice") -
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01
+    condition: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.01
 ) -> None:
-    """Poll an async condition until it holds; fail after `timeout` seconds."""
+    """Poll a condition (plain or async) until it holds; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)

@@ -47,3 +47,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if level.lower() != "debug":
+        # websockets logs every health probe's response at info; keep only its warnings.
+        logging.getLogger("websockets").setLevel(logging.WARNING)

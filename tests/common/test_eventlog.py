@@ -7,13 +7,13 @@ rule must hold for any writer, not only for ours.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import uuid
 
 import asyncpg
 import msgspec
 import pytest
-from tests.support import cancelled, completed, failed, new_job, progress, queued, started
 
 from schemas.events import (
     EVENT_TYPES,
@@ -32,6 +32,7 @@ from services.common.eventlog import (
     JobClosedError,
     NewEvent,
 )
+from tests.support import cancelled, completed, failed, new_job, progress, queued, started
 
 RAW_INSERT = """
     INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id, owner_id, occurred_at)
@@ -232,9 +233,7 @@ async def test_after_completed_only_the_download_phase(
         3,
         [
             NewEvent(data=DownloadStarted(download_id="d1", total_bytes=10), actor="user:alice"),
-            NewEvent(
-                data=DownloadCompleted(download_id="d1", bytes_sent=10), actor="user:alice"
-            ),
+            NewEvent(data=DownloadCompleted(download_id="d1", bytes_sent=10), actor="user:alice"),
         ],
     )
     assert result.state is not None
@@ -315,7 +314,7 @@ async def test_each_event_links_to_the_previous_hash(
             "SELECT seq, prev_hash, hash FROM events WHERE job_id = $1 ORDER BY seq", job_id
         )
     assert bytes(rows[0]["prev_hash"]) == bytes(32)
-    for before, after in zip(rows, rows[1:], strict=False):
+    for before, after in itertools.pairwise(rows):
         assert after["prev_hash"] == before["hash"]
     assert len({bytes(r["hash"]) for r in rows}) == len(rows)
     report = await eventlog.verify(job_id)
@@ -335,8 +334,8 @@ async def test_verify_names_an_altered_event(eventlog: EventLog, pool: asyncpg.P
     await eventlog.append(job_id, 2, [progress(10), progress(20), progress(30)])
     await _tamper(
         pool,
-        "UPDATE events SET data = '{\"phase\":\"processing\",\"progress\":99,"
-        "\"phaseProgress\":99}' WHERE job_id = $1 AND seq = 4",
+        'UPDATE events SET data = \'{"phase":"processing","progress":99,'
+        '"phaseProgress":99}\' WHERE job_id = $1 AND seq = 4',
         job_id,
     )
     report = await eventlog.verify(job_id)

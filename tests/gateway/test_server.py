@@ -1,0 +1,69 @@
+"""The gateway process over real sockets: health, readiness, metrics and its log tailer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import websockets
+
+from services.common.eventlog import EventLog
+from services.gateway.config import GatewayConfig
+from services.gateway.server import Gateway
+from tests.support import new_job, progress, wait_for
+
+
+@pytest.fixture
+async def gateway(database_url: str) -> AsyncIterator[Gateway]:
+    # A poll interval far longer than any test: only a NOTIFY can wake the tailer in time.
+    gateway = Gateway(GatewayConfig(database_url=database_url, port=0, poll_interval=300))
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def test_health_and_readiness(gateway: Gateway) -> None:
+    base = f"http://127.0.0.1:{gateway.port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/healthz") as response:
+            assert response.status == 200
+
+        async def ready() -> bool:
+            async with session.get(f"{base}/readyz") as response:
+                return response.status == 200
+
+        await wait_for(ready)
+        async with session.get(f"{base}/metrics") as response:
+            assert response.status == 200
+            assert "gateway_tail_position" in await response.text()
+
+
+async def test_a_notify_wakes_the_tailer_and_one_read_covers_many_events(
+    gateway: Gateway, eventlog: EventLog
+) -> None:
+    await wait_for(lambda: gateway.tailer.listening)
+    reads_before = gateway.tailer.reads
+    job_id = await new_job(eventlog)
+    result = await eventlog.append(job_id, 2, [progress(i) for i in range(50)])
+
+    await wait_for(lambda: gateway.tailer.position == result.last_position)
+    # Three appends, each one NOTIFY; the reads are per wake-up, not per event.
+    assert gateway.tailer.reads - reads_before <= 3
+    assert gateway.tailer.events_read >= 52
+
+
+async def test_websocket_upgrades_are_refused_with_a_reason(gateway: Gateway) -> None:
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws"):
+            pass
+    assert info.value.response.status_code == 503
+
+
+async def test_close_is_safe_twice(database_url: str) -> None:
+    gateway = Gateway(GatewayConfig(database_url=database_url, port=0))
+    await gateway.start()
+    await gateway.close()
+    await gateway.close()
