@@ -44,7 +44,8 @@ async def test_health_and_readiness(gateway: Gateway) -> None:
 async def test_a_notify_wakes_the_tailer_and_one_read_covers_many_events(
     gateway: Gateway, eventlog: EventLog
 ) -> None:
-    await wait_for(lambda: gateway.tailer.listening)
+    # Listening, and past the catch-up read that follows every (re)connect of the listener.
+    await wait_for(lambda: gateway.tailer.listening and gateway.tailer.reads >= 1)
     reads_before = gateway.tailer.reads
     job_id = await new_job(eventlog)
     result = await eventlog.append(job_id, 2, [progress(i) for i in range(50)])
