@@ -12,18 +12,19 @@ event type this version does not know keeps its payload as `msgspec.Raw` and fol
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from typing import ClassVar, Literal, TypeAlias
+from typing import Annotated, ClassVar, Literal, TypeAlias
 from uuid import UUID
 
 import msgspec
 
 Phase: TypeAlias = Literal["processing", "downloading"]
-Stage: TypeAlias = Literal[
-    "images", "visualizations", "annotations", "metrics", "documentation", "compression"
-]
+Stage: TypeAlias = Literal["images", "visualizations", "annotations", "metrics", "compression"]
 CancelledBy: TypeAlias = Literal["user", "system", "timeout"]
 ParamValue: TypeAlias = str | int | float
+Timestamp: TypeAlias = Annotated[datetime, msgspec.Meta(tz=True)]
+"""A moment with its time zone; naive datetimes are refused when decoding."""
 
 # Overall progress spends this share on processing and the rest on the download phase, so a
 # finished archive sits at 90 % until its first download starts and the bar never jumps back.
@@ -62,13 +63,21 @@ class ArchiveInfo(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     file_name: str
     size_bytes: int
     sha256: str
-    expires_at: datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class EventData(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """Base of every event payload. `TYPE` is the event's name on the wire."""
 
     TYPE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        # JSON has no NaN or infinity (msgspec writes them as null): a payload carrying one
+        # would be stored and then refused by every reader. Refuse it when it is made.
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{name} must be a finite number")
 
 
 class Queued(EventData, frozen=True, kw_only=True):
@@ -214,9 +223,15 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     position: int
     event_id: UUID
     type: str
-    occurred_at: datetime
+    occurred_at: Timestamp
     actor: str
     data: EventData | msgspec.Raw
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, EventData) and self.type != type(self.data).TYPE:
+            raise ValueError(
+                f"event type {self.type!r} does not match its {type(self.data).__name__} payload"
+            )
 
 
 class _WireEvent(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -226,7 +241,7 @@ class _WireEvent(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     position: int
     event_id: UUID
     type: str
-    occurred_at: datetime
+    occurred_at: Timestamp
     actor: str
     data: msgspec.Raw
 

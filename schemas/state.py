@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Literal, TypeAlias
 from uuid import UUID
 
@@ -39,6 +38,7 @@ from schemas.events import (
     Stage,
     StageProgress,
     Started,
+    Timestamp,
     decode_data,
 )
 
@@ -83,10 +83,10 @@ class JobState(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     message: Message | None = None
     estimated_time_remaining: float | None = None
     attempt: int = 0
-    queued_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    updated_at: datetime | None = None
+    queued_at: Timestamp | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    updated_at: Timestamp | None = None
     cancel_requested_by: str | None = None
     archive: ArchiveInfo | None = None
     archive_expired: bool = False

@@ -10,11 +10,13 @@ import asyncio
 import itertools
 import random
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import msgspec
 import pytest
 
+from schemas.chain import ChainLink, event_hash
 from schemas.events import (
     EVENT_TYPES,
     OUTCOME_TYPES,
@@ -80,10 +82,21 @@ async def test_wrong_expected_seq_is_a_typed_conflict_and_writes_nothing(
 async def test_racing_appenders_one_wins_the_rest_conflict(pool: asyncpg.Pool) -> None:
     writers = [EventLog(pool) for _ in range(8)]
     job_id = await new_job(writers[0])
-    outcomes = await asyncio.gather(
-        *(w.append(job_id, 2, [progress(i)]) for i, w in enumerate(writers)),
-        return_exceptions=True,
-    )
+    conns = [await pool.acquire() for _ in writers]
+    start = asyncio.Barrier(len(writers))
+
+    async def race(writer: EventLog, conn: asyncpg.Connection, value: int) -> object:
+        await start.wait()  # every writer has its connection and the same expected seq
+        return await writer.append(job_id, 2, [progress(value)], conn=conn)
+
+    try:
+        outcomes = await asyncio.gather(
+            *(race(w, c, i) for i, (w, c) in enumerate(zip(writers, conns, strict=True))),
+            return_exceptions=True,
+        )
+    finally:
+        for conn in conns:
+            await pool.release(conn)
     winners = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(winners) == 1
     assert all(isinstance(o, ConflictError) for o in outcomes if o not in winners)
@@ -123,6 +136,47 @@ async def test_the_database_refuses_gaps_and_duplicate_seqs(
         await raw_insert(pool, job_id, 2, "export:progress")
     with pytest.raises(asyncpg.PostgresError) as info:
         await raw_insert(pool, uuid.uuid4(), 2, "export:progress")
+    assert info.value.sqlstate == "EL001"
+
+
+async def test_the_database_refuses_an_event_of_another_project_or_owner(
+    eventlog: EventLog, pool: asyncpg.Pool
+) -> None:
+    job_id = await new_job(eventlog)
+    async with pool.acquire() as conn:
+        for project, owner in (("p2", "alice"), ("p1", "mallory")):
+            with pytest.raises(asyncpg.PostgresError) as info:
+                await conn.execute(
+                    """
+                    INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id,
+                                        owner_id, occurred_at)
+                    VALUES ($1, 3, gen_random_uuid(), 'export:progress', '{}', 't', $2, $3, now())
+                    """,
+                    job_id,
+                    project,
+                    owner,
+                )
+            assert info.value.sqlstate == "EL004", (project, owner)
+
+
+async def test_the_database_refuses_a_position_below_the_previous_event(
+    eventlog: EventLog, pool: asyncpg.Pool
+) -> None:
+    job_id = await new_job(eventlog)
+    (second,) = await eventlog.read_stream(job_id, after_seq=1)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute(
+                """
+                INSERT INTO events (position, job_id, seq, event_id, type, data, actor,
+                                    project_id, owner_id, occurred_at)
+                OVERRIDING SYSTEM VALUE
+                VALUES ($1, $2, 3, gen_random_uuid(), 'export:progress', '{}', 't', 'p1',
+                        'alice', now())
+                """,
+                second.position - 1,
+                job_id,
+            )
     assert info.value.sqlstate == "EL001"
 
 
@@ -365,14 +419,53 @@ async def test_verify_notices_events_cut_from_the_end(
     assert report.broken.seq == 4
 
 
-async def test_verify_notices_a_rewritten_actor(eventlog: EventLog, pool: asyncpg.Pool) -> None:
+@pytest.mark.parametrize(
+    "change",
+    [
+        "actor = 'user:mallory'",
+        "type = 'export:completed'",
+        "occurred_at = occurred_at + interval '1 microsecond'",
+        "owner_id = 'mallory'",
+        "project_id = 'p2'",
+        "event_id = gen_random_uuid()",
+        'data = \'{"phase":"processing","progress":5,"phaseProgress":5}\'',
+        'data = \'{"phase": "processing","progress":1,"phaseProgress":1}\'',
+        "prev_hash = '\\x00'::bytea",
+    ],
+)
+async def test_verify_notices_any_rewritten_field(
+    eventlog: EventLog, pool: asyncpg.Pool, change: str
+) -> None:
     job_id = await new_job(eventlog)
-    await _tamper(
-        pool, "UPDATE events SET actor = 'user:mallory' WHERE job_id = $1 AND seq = 1", job_id
-    )
+    await eventlog.append(job_id, 2, [progress(1), progress(2)])
+    await _tamper(pool, f"UPDATE events SET {change} WHERE job_id = $1 AND seq = 3", job_id)
     report = await eventlog.verify(job_id)
     assert report.broken is not None
-    assert report.broken.seq == 1
+    assert report.broken.seq == 3
+
+
+async def test_python_and_sql_compute_the_same_hash(pool: asyncpg.Pool) -> None:
+    """The verifier (and an auditor's offline check) recompute exactly what the database wrote."""
+    link = ChainLink(
+        job_id=uuid.UUID("00000000-0000-4000-8000-000000000001"),
+        seq=7,
+        event_id=uuid.UUID("00000000-0000-4000-8000-000000000002"),
+        type="export:progress",
+        actor='user:zoë "quoted", with: separators,',
+        project_id="pröject/1",
+        owner_id="",
+        occurred_at=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=-5))),
+        data='{"message":{"text":"Kopiere Bilder (5/50) – image_001.jpg"},"progress":12.5}',
+        prev_hash=bytes(range(32)),
+        hash=b"",
+    )
+    async with pool.acquire() as conn:
+        stored = await conn.fetchval(
+            "SELECT event_hash($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            link.prev_hash, link.job_id, link.seq, link.event_id, link.type, link.actor,
+            link.project_id, link.owner_id, link.occurred_at, link.data,
+        )  # fmt: skip
+    assert bytes(stored) == event_hash(link.prev_hash, link)
 
 
 # -- guarantee 5: authoritative state -------------------------------------------------------
@@ -406,17 +499,31 @@ async def test_projection_rebuilds_from_the_log(eventlog: EventLog, pool: asyncp
     jobs = [await new_job(eventlog) for _ in range(3)]
     await eventlog.append(jobs[0], 2, [progress(50), completed()])
     await eventlog.append(jobs[1], 2, [cancelled()])
-    expected = {j: await eventlog.job_state(j) for j in jobs}
+    columns = "job_id, project_id, owner_id, status, last_seq, last_position, state::text"
+
+    async def rows() -> list[tuple[object, ...]]:
+        async with pool.acquire() as conn:
+            return [tuple(r) for r in await conn.fetch(f"SELECT {columns} FROM jobs ORDER BY 1")]
+
+    expected = await rows()
     async with pool.acquire() as conn:
         await conn.execute("DELETE FROM jobs")
     assert await eventlog.job_state(jobs[0]) is None
     assert await eventlog.rebuild_projection() == 3
-    for job_id in jobs:
-        assert await eventlog.job_state(job_id) == expected[job_id]
+    assert await rows() == expected
+
     async with pool.acquire() as conn:
-        await conn.execute("UPDATE jobs SET state = '{}'::json, status = 'x'")
+        await conn.execute(
+            "UPDATE jobs SET state = '{}'::json, status = 'queued', last_seq = 1, "
+            "last_position = 0, project_id = 'x', owner_id = 'y'"
+        )
     assert await eventlog.rebuild_projection([jobs[1]]) == 1
-    assert await eventlog.job_state(jobs[1]) == expected[jobs[1]]
+    assert (await rows())[[r[0] for r in expected].index(jobs[1])] == next(
+        r for r in expected if r[0] == jobs[1]
+    )
+    # The rebuilt projection drives the append checks again: the cancelled job stays closed.
+    with pytest.raises(JobClosedError):
+        await EventLog(pool).append(jobs[1], 3, [progress(60)])
 
 
 async def test_projection_moves_with_the_log_in_one_transaction(pool: asyncpg.Pool) -> None:

@@ -149,3 +149,20 @@ async def test_tailer_sees_every_event_once_in_order_despite_late_commits(
         per_job.setdefault(job_id, []).append(seq)
     for seqs in per_job.values():
         assert seqs == list(range(3, 3 + len(seqs)))
+
+
+async def test_the_tail_follows_commit_order_not_start_order(pool: asyncpg.Pool) -> None:
+    """A transaction that began first but commits last comes last in the log."""
+    log = EventLog(pool)
+    early, late = await new_job(log), await new_job(log)
+    cursor = await log.head_position()
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.fetchval("SELECT now()")  # this transaction's clock starts here
+        await log.append(late, 2, [progress(1)])  # begins later, commits first
+        await log.append(early, 2, [progress(1)], conn=conn)
+        await transaction.commit()
+    seen = await log.tail(cursor)
+    assert [e.job_id for e in seen] == [late, early]
+    assert seen[0].position < seen[1].position
