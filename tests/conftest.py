@@ -37,7 +37,7 @@ def with_database(dsn: str, name: str) -> str:
 
 def _docker_answers() -> bool:
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker
 
         docker.from_env(timeout=3).ping()
     except Exception:

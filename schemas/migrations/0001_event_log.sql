@@ -67,7 +67,7 @@ CREATE FUNCTION event_hash(
 CREATE FUNCTION events_check_and_chain() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
-    prev events%ROWTYPE;
+    prev record;
     after_completion CONSTANT text[] := ARRAY[
         'export:download-started', 'export:download-progress',
         'export:download-completed', 'export:archive-expired'];
@@ -79,7 +79,9 @@ BEGIN
         END IF;
         NEW.prev_hash := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
     ELSE
-        SELECT * INTO prev FROM events WHERE job_id = NEW.job_id AND seq = NEW.seq - 1;
+        SELECT e.type, e.hash, e.project_id, e.owner_id, e.position, e.seq INTO prev
+          FROM events e
+         WHERE e.job_id = NEW.job_id AND e.seq = NEW.seq - 1;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'event % of job % does not follow an event %', NEW.seq, NEW.job_id,
                 NEW.seq - 1 USING ERRCODE = 'EL001';
@@ -210,8 +212,7 @@ DECLARE
     i            integer;
     lo           integer := 1;
     hi           integer;
-    job          jobs%ROWTYPE;
-    job_found    boolean;
+    job          record;
     n_stored     integer;
     new_seq      integer;
     outcome      text;
@@ -224,30 +225,40 @@ DECLARE
         'export:download-started', 'export:download-progress',
         'export:download-completed', 'export:archive-expired'];
 BEGIN
-    -- Take every job row lock first, in the callers' (sorted) order and before the events insert
-    -- takes the append lock, so that batches never wait on each other in a cycle.
-    FOR i IN 1 .. n_appends LOOP
-        IF a_expected[i] = 0 THEN
-            INSERT INTO jobs (job_id, project_id, owner_id, status, state)
-            VALUES (a_job_ids[i], a_project_ids[i], a_owner_ids[i], 'new', '{}')
-            ON CONFLICT (job_id) DO NOTHING;
-        END IF;
-        PERFORM 1 FROM jobs WHERE jobs.job_id = a_job_ids[i] FOR UPDATE;
-    END LOOP;
+    -- Every job row lock is taken before the first events insert takes the append lock, in the
+    -- callers' (sorted) order, so that batches never wait on each other in a cycle. A single
+    -- append takes its one row lock below, still before its insert.
+    IF n_appends > 1 THEN
+        FOR i IN 1 .. n_appends LOOP
+            IF a_expected[i] = 0 THEN
+                INSERT INTO jobs (job_id, project_id, owner_id, status, state)
+                VALUES (a_job_ids[i], a_project_ids[i], a_owner_ids[i], 'new', '{}')
+                ON CONFLICT (job_id) DO NOTHING;
+            END IF;
+            PERFORM 1 FROM jobs WHERE jobs.job_id = a_job_ids[i] FOR UPDATE;
+        END LOOP;
+    ELSIF n_appends = 1 AND a_expected[1] = 0 THEN
+        INSERT INTO jobs (job_id, project_id, owner_id, status, state)
+        VALUES (a_job_ids[1], a_project_ids[1], a_owner_ids[1], 'new', '{}')
+        ON CONFLICT (job_id) DO NOTHING;
+    END IF;
 
     FOR i IN 1 .. n_appends LOOP
         hi := lo + a_counts[i] - 1;
         types := e_types[lo:hi];
+        first_pos := NULL;
+        last_pos := NULL;
 
-        SELECT count(*)::integer, max(ev.seq), min(ev.position), max(ev.position)
-          INTO n_stored, new_seq, first_pos, last_pos
-          FROM events ev
-         WHERE ev.event_id = ANY (e_ids[lo:hi]);
+        SELECT jobs.project_id, jobs.owner_id, jobs.status, jobs.last_seq INTO job
+          FROM jobs WHERE jobs.job_id = a_job_ids[i] FOR UPDATE;
 
-        SELECT * INTO job FROM jobs WHERE jobs.job_id = a_job_ids[i];
-        job_found := FOUND;
-
-        IF n_stored > 0 THEN
+        IF NOT FOUND OR job.last_seq <> a_expected[i] THEN
+            -- A retry of an append that was stored already is not a conflict: answer with
+            -- where its events are. (When the seq matches, the events cannot be stored yet.)
+            SELECT count(*)::integer, max(ev.seq), min(ev.position), max(ev.position)
+              INTO n_stored, new_seq, first_pos, last_pos
+              FROM events ev
+             WHERE ev.event_id = ANY (e_ids[lo:hi]);
             IF n_stored = a_counts[i] THEN
                 outcome := 'duplicate';
             ELSE
@@ -256,28 +267,27 @@ BEGIN
                 first_pos := NULL;
                 last_pos := NULL;
             END IF;
-        ELSIF NOT job_found OR job.last_seq <> a_expected[i] THEN
-            outcome := 'conflict';
-            new_seq := coalesce(job.last_seq, 0);
         ELSIF job.status IN ('failed', 'cancelled')
            OR (job.status = 'completed' AND NOT types <@ post)
            OR (job.status <> 'completed' AND types && post) THEN
             outcome := 'closed';
             new_seq := job.last_seq;
         ELSE
-            INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id, owner_id,
-                                occurred_at)
-            SELECT a_job_ids[i], a_expected[i] + t.k::integer, t.id, t.type, t.data::json,
-                   t.actor, job.project_id, job.owner_id, t.occurred
-              FROM unnest(e_ids[lo:hi], types, e_data[lo:hi], e_actors[lo:hi],
-                          e_occurred[lo:hi]) WITH ORDINALITY AS t(id, type, data, actor, occurred, k)
-             ORDER BY t.k;
+            WITH stored AS (
+                INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id,
+                                    owner_id, occurred_at)
+                SELECT a_job_ids[i], a_expected[i] + t.k::integer, t.id, t.type, t.data::json,
+                       t.actor, job.project_id, job.owner_id, t.occurred
+                  FROM unnest(e_ids[lo:hi], types, e_data[lo:hi], e_actors[lo:hi],
+                              e_occurred[lo:hi])
+                       WITH ORDINALITY AS t(id, type, data, actor, occurred, k)
+                 ORDER BY t.k
+                RETURNING events.position
+            )
+            SELECT min(stored.position), max(stored.position) INTO first_pos, last_pos
+              FROM stored;
 
             new_seq := a_expected[i] + a_counts[i];
-            SELECT min(ev.position), max(ev.position) INTO first_pos, last_pos
-              FROM events ev
-             WHERE ev.job_id = a_job_ids[i] AND ev.seq > a_expected[i] AND ev.seq <= new_seq;
-
             UPDATE jobs
                SET last_seq = new_seq, last_position = last_pos, status = a_statuses[i],
                    state = a_states[i]::json, updated_at = now()

@@ -212,6 +212,7 @@ async def test_appending_events_reaches_the_database_as_encoded(eventlog: EventL
     event = progress(12.5, stage="visualizations")
     await eventlog.append(job_id, 2, [event])
     (stored,) = await eventlog.read_stream(job_id, after_seq=2)
+    assert isinstance(stored.data, msgspec.Raw)
     assert bytes(stored.data) == encode_data(event.data)
     assert stored.type == "export:progress"
     assert stored.actor == "worker:w1"

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from schemas.events import decode_event
@@ -18,17 +19,21 @@ from tests.support import completed, new_job, progress
 
 
 @pytest.fixture
-async def client(database_url: str) -> AsyncIterator[TestClient]:
+async def client(database_url: str) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     app = create_app(ExportConfig(database_url=database_url, port=0, pool_min=1, pool_max=4))
     async with TestClient(TestServer(app)) as client:
         yield client
 
 
-def log_of(client: TestClient) -> EventLog:
-    return client.server.app[EVENTLOG]
+def log_of(client: TestClient[web.Request, web.Application]) -> EventLog:
+    app = client.app
+    assert app is not None
+    return app[EVENTLOG]
 
 
-async def test_health_readiness_and_metrics(client: TestClient) -> None:
+async def test_health_readiness_and_metrics(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     response = await client.get("/readyz")
@@ -41,7 +46,9 @@ async def test_health_readiness_and_metrics(client: TestClient) -> None:
     assert "db_pool_connections" in text
 
 
-async def test_status_is_the_fold_of_the_log(client: TestClient) -> None:
+async def test_status_is_the_fold_of_the_log(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     eventlog = log_of(client)
     job_id = await new_job(eventlog)
     await eventlog.append(job_id, 2, [progress(40), progress(30), completed()])
@@ -56,7 +63,9 @@ async def test_status_is_the_fold_of_the_log(client: TestClient) -> None:
     assert status["state"]["progress"] == 90.0  # camelCase on the wire, monotonic progress
 
 
-async def test_events_are_paged_in_seq_order(client: TestClient) -> None:
+async def test_events_are_paged_in_seq_order(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     eventlog = log_of(client)
     job_id = await new_job(eventlog)
     await eventlog.append(job_id, 2, [progress(i) for i in range(1, 6)])
@@ -79,7 +88,9 @@ async def test_events_are_paged_in_seq_order(client: TestClient) -> None:
     assert envelope["type"] == "export:queued"
 
 
-async def test_the_whole_log_is_paged_by_position(client: TestClient) -> None:
+async def test_the_whole_log_is_paged_by_position(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     eventlog = log_of(client)
     jobs = [await new_job(eventlog) for _ in range(3)]
     positions: list[int] = []
@@ -96,7 +107,9 @@ async def test_the_whole_log_is_paged_by_position(client: TestClient) -> None:
     assert positions == sorted(positions)
 
 
-async def test_verify_reports_an_intact_chain(client: TestClient) -> None:
+async def test_verify_reports_an_intact_chain(
+    client: TestClient[web.Request, web.Application],
+) -> None:
     job_id = await new_job(log_of(client))
     report = await (await client.get(f"/v1/jobs/{job_id}/verify")).json()
     assert report["ok"] is True
@@ -117,7 +130,7 @@ async def test_verify_reports_an_intact_chain(client: TestClient) -> None:
     ],
 )
 async def test_bad_requests_get_a_json_reason(
-    client: TestClient, path: str, status: int, code: str
+    client: TestClient[web.Request, web.Application], path: str, status: int, code: str
 ) -> None:
     response = await client.get(path)
     assert response.status == status

@@ -1,0 +1,883 @@
+"""How fast the event log appends, next to what raw PostgreSQL inserts manage in the same run.
+
+Measured, each for a fixed time after a warm-up, with one closed-loop writer per connection:
+
+* raw baselines: autocommit single-row INSERTs and 100-row executemany transactions of the same
+  JSON payload into a plain table without triggers, on dedicated connections;
+* `EventLog.append` with one event per call (one transaction per event) and with 100 events per
+  call, through the service's pool, each writer appending to jobs of its own;
+* the two costs DESIGN.md (guarantee 3) asks to measure, at 16 writers: a NOTIFY per append
+  transaction, and the advisory lock (trigger `events_serialize_appends`) that hands out global
+  positions in commit order, each switched off on its own and both together;
+* group commit, early look: 1,000 tasks appending one event at a time to their own jobs through a
+  batcher that sends whatever is waiting to `EventLog.append_many` in one transaction;
+* tailing: `EventLog.tail` in pages of 1,000 over every event written, next to the same query
+  without building events.
+
+Every writer appends to jobs no other writer touches and keeps its expected seq locally, so no
+append conflicts and none needs a read first: what is measured is the append path itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from schemas.events import Message, Progress, Queued, StageProgress, Started, encode_data
+from services.common.eventlog import (
+    AppendRequest,
+    AppendResult,
+    EventLog,
+    EventLogError,
+    NewEvent,
+)
+from services.common.queries import QUERIES
+
+from .common import (
+    Context,
+    Sample,
+    Table,
+    Window,
+    busy_cores,
+    connections,
+    drive,
+    fresh_database,
+    idle_load,
+    machine_cpu,
+    machine_info,
+    pool,
+    server_info,
+    utc_timestamp,
+    write_results,
+)
+
+NAME = "appends"
+PROJECT = "bench-project"
+OWNER = "bench-owner"
+ACTOR = "worker:bench"
+PROGRESS_TYPE = Progress.TYPE
+
+RAW_TABLE = """
+CREATE TABLE IF NOT EXISTS raw_events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      uuid,
+    seq         int,
+    type        text,
+    data        json,
+    occurred_at timestamptz DEFAULT now()
+)
+"""
+RAW_INSERT = "INSERT INTO raw_events (job_id, seq, type, data) VALUES ($1, $2, $3, $4)"
+APPEND_LOCK_TRIGGER = "events_serialize_appends"
+# Background load (busy cores while the benchmark idles) above which the report warns.
+BUSY_MACHINE_CORES = 0.25
+# How long an idle batcher flusher waits before checking whether it should stop.
+_FLUSHER_POLL_SECONDS = 0.05
+# Jobs created per setup transaction (outside the timed window).
+_SETUP_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes of one run; the defaults are the benchmark's, the smoke test shrinks them."""
+
+    seconds: float = 5.0
+    warmup: float = 1.0
+    many: int = 16
+    """The concurrent writer count compared with a single writer."""
+    batch_events: int = 100
+    jobs_per_writer: int = 4
+    batcher_jobs: int = 1000
+    batcher_max: int = 500
+    batcher_connections: int = 4
+    tail_page: int = 1000
+    tail_budget: float = 10.0
+    """Longest a tail scan may take; it stops earlier when it has read every event."""
+    payload_bytes: int = 290
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def progress_payload(size: int) -> Progress:
+    """A realistic progress event whose JSON is `size` bytes (padded through the item name), so
+    the raw baseline and the event log write the same bytes."""
+
+    def build(item: str) -> Progress:
+        return Progress(
+            phase="processing",
+            stage="images",
+            progress=42.5,
+            phase_progress=47.22,
+            stage_progress=StageProgress(current=1234, total=5000, current_item=item),
+            message=Message(
+                key="export.progress.images",
+                params={"current": 1234, "total": 5000},
+                text="Processing image 1234 of 5000",
+            ),
+        )
+
+    room = size - len(encode_data(build("")))
+    stem, suffix = "images/IMG_", ".jpg"
+    if room >= len(stem) + len(suffix):
+        item = stem + "0" * (room - len(stem) - len(suffix)) + suffix
+    else:
+        item = "x" * max(0, room)
+    return build(item)
+
+
+def _progress_event(payload: Progress) -> NewEvent:
+    return NewEvent(data=payload, actor=ACTOR)
+
+
+async def create_jobs(log: EventLog, count: int) -> dict[UUID, int]:
+    """`count` running jobs (queued, started), created untimed; returns each one's seq."""
+    seqs: dict[UUID, int] = {}
+    for start in range(0, count, _SETUP_CHUNK):
+        requests = [
+            AppendRequest(
+                job_id=uuid4(),
+                expected_seq=0,
+                events=[
+                    NewEvent(data=Queued(requested_by="bench"), actor="user:bench"),
+                    NewEvent(data=Started(worker_id="bench"), actor=ACTOR),
+                ],
+                project_id=PROJECT,
+                owner_id=OWNER,
+            )
+            for _ in range(min(_SETUP_CHUNK, count - start))
+        ]
+        for request, result in zip(requests, await log.append_many(requests), strict=True):
+            if isinstance(result, EventLogError):
+                raise result
+            seqs[request.job_id] = result.last_seq
+    return seqs
+
+
+# --------------------------------------------------------------------------- raw baselines
+
+
+async def create_raw_table(dsn: str) -> None:
+    """The baselines' table: the same JSON, no triggers, one index (its primary key)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(RAW_TABLE)
+    finally:
+        await conn.close()
+
+
+class _RawWriter:
+    """One connection inserting the payload: one row per autocommit statement, or `batch` rows
+    per executemany (atomic since asyncpg 0.22: one implicit transaction, one commit)."""
+
+    def __init__(self, conn: asyncpg.Connection, data: str, batch: int) -> None:
+        self._conn = conn
+        self._data = data
+        self._batch = batch
+        self._job = uuid4()
+        self._seq = 0
+
+    async def insert_one(self) -> int:
+        self._seq += 1
+        await self._conn.execute(RAW_INSERT, self._job, self._seq, PROGRESS_TYPE, self._data)
+        return 1
+
+    async def insert_batch(self) -> int:
+        first = self._seq + 1
+        self._seq += self._batch
+        rows = [(self._job, seq, PROGRESS_TYPE, self._data) for seq in range(first, self._seq + 1)]
+        await self._conn.executemany(RAW_INSERT, rows)
+        return self._batch
+
+
+async def measure_raw(dsn: str, settings: Settings, *, writers: int, batch: int) -> Sample:
+    """Raw INSERTs (batch 1) or executemany transactions on `writers` dedicated connections."""
+    data = encode_data(progress_payload(settings.payload_bytes)).decode()
+    async with connections(dsn, writers) as conns:
+        raw = [_RawWriter(conn, data, batch) for conn in conns]
+        steps = [w.insert_one if batch == 1 else w.insert_batch for w in raw]
+        return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
+
+
+# --------------------------------------------------------------------------- event log appends
+
+
+class _AppendWriter:
+    """Appends to its own jobs in turn, `per_call` events per call, tracking each job's seq."""
+
+    def __init__(
+        self, log: EventLog, seqs: dict[UUID, int], jobs: Sequence[UUID], payload: Progress
+    ) -> None:
+        self._log = log
+        self._seqs = seqs
+        self._jobs = list(jobs)
+        self._payload = payload
+        self._turn = 0
+
+    async def append(self, per_call: int) -> int:
+        job = self._jobs[self._turn % len(self._jobs)]
+        self._turn += 1
+        events = [_progress_event(self._payload) for _ in range(per_call)]
+        result = await self._log.append(job, self._seqs[job], events)
+        self._seqs[job] = result.last_seq
+        return per_call
+
+
+async def _set_append_lock(dsn: str, *, enabled: bool) -> None:
+    """Switch the commit-order trigger, and check that it took: a figure "without the lock"
+    measured with the lock still on would report the choice as free."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        action = "ENABLE" if enabled else "DISABLE"
+        await conn.execute(f"ALTER TABLE events {action} TRIGGER {APPEND_LOCK_TRIGGER}")
+        state = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger"
+            " WHERE tgname = $1 AND tgrelid = 'events'::regclass",
+            APPEND_LOCK_TRIGGER,
+        )
+    finally:
+        await conn.close()
+    if (state != "D") != enabled:
+        raise RuntimeError(f"{APPEND_LOCK_TRIGGER} is in state {state!r}, wanted {action}")
+
+
+async def measure_append(
+    dsn: str,
+    settings: Settings,
+    *,
+    writers: int,
+    per_call: int,
+    notify: bool = True,
+    append_lock: bool = True,
+) -> Sample:
+    """`EventLog.append` from `writers` concurrent writers through one pool of that size.
+
+    Without `append_lock`, the commit-order trigger is disabled for the timed part only and
+    re-enabled in every case. It is switched in the same database, not a fresh one, so that the
+    events table and its indexes have the size they have in the runs it is compared with.
+    """
+    payload = progress_payload(settings.payload_bytes)
+    async with pool(dsn, writers) as shared:
+        log = EventLog(shared, notify=notify)
+        seqs = await create_jobs(log, writers * settings.jobs_per_writer)
+        jobs = list(seqs)
+        steps = [
+            functools.partial(_AppendWriter(log, seqs, jobs[i::writers], payload).append, per_call)
+            for i in range(writers)
+        ]
+        if append_lock:
+            return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
+        await _set_append_lock(dsn, enabled=False)
+        try:
+            return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
+        finally:
+            await _set_append_lock(dsn, enabled=True)
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+class Batcher:
+    """Funnels one-event appends from many tasks into `EventLog.append_many` transactions.
+
+    Whatever requests are waiting when a flusher is free go into its next transaction, up to
+    `max_batch`: under light load a batch holds one append and costs what `append` costs, under
+    heavy load one commit (its WAL flush, its NOTIFY, its turn at the append lock) is shared by
+    hundreds of appends. This is the simplest form of group commit, an early look at what the
+    service could gain from it; it adds no timer, so it never delays a lone append.
+    """
+
+    def __init__(self, log: EventLog, window: Window, *, max_batch: int) -> None:
+        self._log = log
+        self._window = window
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[AppendRequest, asyncio.Future[AppendResult]]]
+        self._queue = asyncio.Queue()
+        self._closed = False
+        self.batch_sizes: list[int] = []
+        """Sizes of the batches committed inside the timed window."""
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        """Queue one append and wait until the transaction carrying it has committed."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((request, future))
+        return await future
+
+    def close(self) -> None:
+        """Let the flushers stop once the queue is empty."""
+        self._closed = True
+
+    async def run_flusher(self) -> None:
+        """Commit batches until closed and drained; run a few of these, one per connection."""
+        while not (self._closed and self._queue.empty()):
+            try:
+                async with asyncio.timeout(_FLUSHER_POLL_SECONDS):
+                    first = await self._queue.get()
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[AppendRequest, asyncio.Future[AppendResult]]]) -> None:
+        try:
+            results = await self._log.append_many([request for request, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        finished = time.perf_counter()
+        if self._window.opens <= finished <= self._window.closes:
+            self.batch_sizes.append(len(batch))
+        self._window.record_transactions(finished)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, EventLogError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+async def measure_batcher(dsn: str, settings: Settings) -> Sample:
+    """`batcher_jobs` tasks, each appending one event at a time to its own job, through a
+    `Batcher` with `batcher_connections` flushers; latency is what each task waits."""
+    payload = progress_payload(settings.payload_bytes)
+    async with pool(dsn, settings.batcher_connections) as shared:
+        log = EventLog(shared)
+        seqs = await create_jobs(log, settings.batcher_jobs)
+        window = Window(warmup=settings.warmup, seconds=settings.seconds)
+        batcher = Batcher(log, window, max_batch=settings.batcher_max)
+
+        async def producer(job: UUID, seq: int) -> None:
+            while window.accepting():
+                started = time.perf_counter()
+                request = AppendRequest(
+                    job_id=job, expected_seq=seq, events=[_progress_event(payload)]
+                )
+                seq = (await batcher.append(request)).last_seq
+                window.record(started, time.perf_counter(), events=1, transactions=0)
+
+        async with asyncio.timeout(window.deadline_seconds), asyncio.TaskGroup() as flushers:
+            for _ in range(settings.batcher_connections):
+                flushers.create_task(batcher.run_flusher())
+            flushers.create_task(window.watch_cpu())
+            try:
+                async with asyncio.TaskGroup() as producers:
+                    for job, seq in seqs.items():
+                        producers.create_task(producer(job, seq))
+            finally:
+                batcher.close()
+    sizes = sorted(batcher.batch_sizes)
+    return window.sample(
+        jobs=settings.batcher_jobs,
+        connections=settings.batcher_connections,
+        max_batch=settings.batcher_max,
+        batch_size={
+            "mean": round(sum(sizes) / len(sizes), 1) if sizes else None,
+            "p50": sizes[len(sizes) // 2] if sizes else None,
+            "max": sizes[-1] if sizes else None,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- tailing
+
+PageReader = Callable[[int], Awaitable[tuple[int, int]]]
+"""Reads the page after a position; returns how many events it held and the last position."""
+
+
+async def _scan(read_page: PageReader, settings: Settings) -> Sample:
+    """Warm up for `warmup` seconds, then read the whole log from position 0, page by page,
+    until a short page or `tail_budget` seconds."""
+    cursor = 0
+    warm_until = time.perf_counter() + settings.warmup
+    while time.perf_counter() < warm_until:
+        count, last = await read_page(cursor)
+        cursor = last if count == settings.tail_page else 0
+    cpu_before, machine_before = time.process_time(), machine_cpu()
+    started = time.perf_counter()
+    cursor = events = pages = 0
+    latencies: list[float] = []
+    complete = False
+    while time.perf_counter() - started < settings.tail_budget:
+        page_started = time.perf_counter()
+        count, last = await read_page(cursor)
+        latencies.append((time.perf_counter() - page_started) * 1000.0)
+        pages += 1
+        events += count
+        if count < settings.tail_page:
+            complete = True
+            break
+        cursor = last
+    seconds = time.perf_counter() - started
+    return Sample(
+        events=events,
+        transactions=pages,
+        seconds=seconds,
+        latencies_ms=latencies,
+        client_cpu_seconds=time.process_time() - cpu_before,
+        machine_busy_cores=busy_cores(machine_before, machine_cpu(), seconds),
+        extra={"complete": complete, "page": settings.tail_page},
+    )
+
+
+async def measure_tail(dsn: str, settings: Settings) -> Sample:
+    """`EventLog.tail(cursor, page)` over every event written so far (events/s)."""
+    async with pool(dsn, 1) as shared:
+        log = EventLog(shared)
+
+        async def read_page(cursor: int) -> tuple[int, int]:
+            page = await log.tail(cursor, settings.tail_page)
+            return len(page), page[-1].position if page else cursor
+
+        return await _scan(read_page, settings)
+
+
+async def measure_raw_tail(dsn: str, settings: Settings) -> Sample:
+    """The tail query itself on a dedicated connection, records only: what `tail` costs on top."""
+    async with connections(dsn, 1) as (conn,):
+
+        async def read_page(cursor: int) -> tuple[int, int]:
+            rows = await conn.fetch(QUERIES["tail"], cursor, settings.tail_page)
+            return len(rows), rows[-1]["position"] if rows else cursor
+
+        return await _scan(read_page, settings)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+Measure = Callable[[str, Settings], Awaitable[Sample]]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One figure: how to measure it, and which figure of the same run it is compared with."""
+
+    key: str
+    label: str
+    measure: Measure
+    baseline: str | None = None
+
+
+def plan(settings: Settings) -> list[Spec]:
+    """Every measurement, in run order. Each figure runs right after its raw baseline, and the
+    design-choice variants right after the configuration they change, so that drift of a shared
+    machine affects a ratio as little as possible."""
+    n, b = settings.many, settings.batch_events
+    p = functools.partial
+    return [
+        Spec("raw_insert_1", "raw INSERT autocommit, 1 conn", p(measure_raw, writers=1, batch=1)),
+        Spec(
+            "append_one_1",
+            "EventLog.append 1 event/tx, 1 writer",
+            p(measure_append, writers=1, per_call=1),
+            baseline="raw_insert_1",
+        ),
+        Spec(
+            "raw_batch_1",
+            f"raw executemany {b} rows/tx, 1 conn",
+            p(measure_raw, writers=1, batch=b),
+        ),
+        Spec(
+            "append_batch_1",
+            f"EventLog.append {b} events/tx, 1 writer",
+            p(measure_append, writers=1, per_call=b),
+            baseline="raw_batch_1",
+        ),
+        Spec(
+            f"raw_insert_{n}",
+            f"raw INSERT autocommit, {n} conns",
+            p(measure_raw, writers=n, batch=1),
+        ),
+        Spec(
+            f"append_one_{n}",
+            f"EventLog.append 1 event/tx, {n} writers",
+            p(measure_append, writers=n, per_call=1),
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            f"append_one_{n}_no_notify",
+            "  same, NOTIFY off",
+            p(measure_append, writers=n, per_call=1, notify=False),
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            f"append_one_{n}_no_lock",
+            "  same, append lock off",
+            p(measure_append, writers=n, per_call=1, append_lock=False),
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            f"append_one_{n}_no_lock_no_notify",
+            "  same, lock off + NOTIFY off",
+            p(measure_append, writers=n, per_call=1, notify=False, append_lock=False),
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            "batcher",
+            f"append_many batcher, {settings.batcher_jobs:,} jobs × 1 event",
+            measure_batcher,
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            f"raw_batch_{n}",
+            f"raw executemany {b} rows/tx, {n} conns",
+            p(measure_raw, writers=n, batch=b),
+        ),
+        Spec(
+            f"append_batch_{n}",
+            f"EventLog.append {b} events/tx, {n} writers",
+            p(measure_append, writers=n, per_call=b),
+            baseline=f"raw_batch_{n}",
+        ),
+        Spec("raw_tail", f"raw tail query, pages of {settings.tail_page:,}", measure_raw_tail),
+        Spec(
+            "tail",
+            f"EventLog.tail, pages of {settings.tail_page:,}",
+            measure_tail,
+            baseline="raw_tail",
+        ),
+    ]
+
+
+@dataclass
+class Report:
+    """Every sample of one run, keyed like the plan, with what is needed to read them."""
+
+    settings: Settings
+    specs: list[Spec]
+    samples: dict[str, Sample] = field(default_factory=dict)
+    log_stats: dict[str, Any] = field(default_factory=dict)
+
+    def ratio(self, key: str, baseline: str | None) -> float | None:
+        """Events/s of `key` over events/s of `baseline` (None when either is missing)."""
+        figure = self.samples.get(key)
+        base = self.samples.get(baseline) if baseline is not None else None
+        if figure is None or base is None or base.events_per_s <= 0:
+            return None
+        return figure.events_per_s / base.events_per_s
+
+
+async def _log_stats(dsn: str) -> dict[str, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """
+            SELECT (SELECT count(*) FROM events) AS events,
+                   (SELECT count(*) FROM jobs) AS jobs,
+                   (SELECT count(*) FROM raw_events) AS raw_events,
+                   pg_total_relation_size('events') AS events_bytes
+            """
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return dict(row)
+
+
+async def measure_all(
+    dsn: str, settings: Settings, *, progress: Callable[[str], None] | None = None
+) -> Report:
+    """Run the whole plan against a migrated database (which it fills with events)."""
+    await create_raw_table(dsn)
+    report = Report(settings=settings, specs=plan(settings))
+    for number, spec in enumerate(report.specs, start=1):
+        if progress is not None:
+            progress(f"[{number:2}/{len(report.specs)}] {spec.label.strip()} …")
+        sample = await spec.measure(dsn, settings)
+        report.samples[spec.key] = sample
+        if progress is not None:
+            progress(
+                f"        {sample.events_per_s:,.0f} events/s, {sample.transactions_per_s:,.0f} "
+                f"tx/s, p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms"
+            )
+    report.log_stats = await _log_stats(dsn)
+    return report
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _little(outstanding: int, per_second: float) -> str:
+    """Little's law: the mean wait of `outstanding` requests served at `per_second`."""
+    return "—" if per_second <= 0 else f"{outstanding / per_second * 1000:.0f}"
+
+
+def _fmt_cores(sample: Sample) -> str:
+    machine = sample.machine_busy_cores
+    return f"{sample.client_cores:.2f} / " + ("—" if machine is None else f"{machine:.2f}")
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def figures_table(report: Report) -> Table:
+    """Every figure with its raw baseline from the same run and the ratio to it."""
+    labels = {spec.key: spec.label for spec in report.specs}
+    table = Table(
+        headers=[
+            "measurement",
+            "events/s",
+            "tx/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU cores client/all",
+            "baseline (same run)",
+            "baseline events/s",
+            "ratio",
+        ],
+        left=frozenset({0, 6}),
+    )
+    for spec in report.specs:
+        sample = report.samples.get(spec.key)
+        if sample is None:
+            continue
+        base = report.samples.get(spec.baseline) if spec.baseline else None
+        table.add(
+            spec.label,
+            _fmt_rate(sample.events_per_s),
+            _fmt_rate(sample.transactions_per_s),
+            _fmt_ms(sample.p50_ms),
+            _fmt_ms(sample.p99_ms),
+            _fmt_cores(sample),
+            labels[spec.baseline].strip() if spec.baseline else "—",
+            _fmt_rate(base.events_per_s) if base is not None else "—",
+            _fmt_ratio(report.ratio(spec.key, spec.baseline)),
+        )
+    return table
+
+
+def _choices(report: Report) -> list[tuple[str, str, str]]:
+    """(choice, figure with it, the same without it), all at `many` writers, 1 event/tx."""
+    n = report.settings.many
+    on, no_notify = f"append_one_{n}", f"append_one_{n}_no_notify"
+    no_lock, bare = f"append_one_{n}_no_lock", f"append_one_{n}_no_lock_no_notify"
+    return [
+        ("NOTIFY per transaction (append lock on)", on, no_notify),
+        ("NOTIFY per transaction (append lock off)", no_lock, bare),
+        ("commit-order append lock (NOTIFY on)", on, no_lock),
+        ("commit-order append lock (NOTIFY off)", no_notify, bare),
+        ("both together", on, bare),
+    ]
+
+
+def choices_table(report: Report) -> Table:
+    """The two design choices as ratios: throughput with the choice over throughput without."""
+    table = Table(
+        headers=[
+            f"choice ({report.settings.many} writers, 1 event/tx)",
+            "with: events/s",
+            "without: events/s",
+            "with ÷ without",
+            "p50 ms with / without",
+            "p99 ms with / without",
+        ]
+    )
+    for label, with_key, without_key in _choices(report):
+        with_, without = report.samples.get(with_key), report.samples.get(without_key)
+        if with_ is None or without is None:
+            continue
+        table.add(
+            label,
+            _fmt_rate(with_.events_per_s),
+            _fmt_rate(without.events_per_s),
+            _fmt_ratio(report.ratio(with_key, without_key)),
+            f"{_fmt_ms(with_.p50_ms)} / {_fmt_ms(without.p50_ms)}",
+            f"{_fmt_ms(with_.p99_ms)} / {_fmt_ms(without.p99_ms)}",
+        )
+    return table
+
+
+def _notes(report: Report) -> list[str]:
+    n = report.settings.many
+    lines: list[str] = []
+    batcher = report.samples.get("batcher")
+    per_call = report.samples.get(f"append_one_{n}")
+    if batcher is not None and per_call is not None:
+        size = batcher.extra.get("batch_size", {})
+        lines.append(
+            f"Group commit (early look): {batcher.events_per_s:,.0f} one-event appends/s from "
+            f"{report.settings.batcher_jobs:,} jobs over {report.settings.batcher_connections} "
+            f"connections, mean {size.get('mean')} appends per transaction (max {size.get('max')}),"
+            f" {_fmt_ratio(report.ratio('batcher', f'append_one_{n}'))} of `append` with "
+            f"{n} writers, {_fmt_ratio(report.ratio('batcher', f'raw_insert_{n}'))} of raw "
+            f"single-row INSERTs; per-append wait p50 {batcher.p50_ms:.1f} ms, "
+            f"p99 {batcher.p99_ms:.1f} ms. The loop is closed (every job always has an append "
+            f"waiting), so the wait is mostly queueing: jobs ÷ throughput = "
+            f"{_little(report.settings.batcher_jobs, batcher.events_per_s)} ms."
+        )
+    tail = report.samples.get("tail")
+    if tail is not None:
+        state = "every event" if tail.extra.get("complete") else "stopped at the time budget"
+        lines.append(f"Tail read {tail.events:,} events ({state}) in {tail.seconds:.2f} s.")
+    stats = report.log_stats
+    if stats:
+        lines.append(
+            f"Log at the end: {stats.get('events', 0):,} events in {stats.get('jobs', 0):,} jobs, "
+            f"{stats.get('events_bytes', 0) / 2**20:,.0f} MiB with indexes; "
+            f"{stats.get('raw_events', 0):,} raw rows."
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    markdown: str
+    payload: dict[str, Any]
+
+
+def render(
+    report: Report,
+    *,
+    server: Mapping[str, Any],
+    machine: Mapping[str, Any],
+    source: str,
+    started_at: str,
+    duration_seconds: float,
+) -> Rendered:
+    """The run as terminal text, as Markdown and as the JSON document with every figure."""
+    settings = report.settings
+    config = server.get("settings", {})
+    header = (
+        f"PostgreSQL {server.get('server_version')} ({source}): fsync={config.get('fsync')}, "
+        f"synchronous_commit={config.get('synchronous_commit')}, "
+        f"shared_buffers={config.get('shared_buffers')}; client: {machine.get('cpu_count')} CPUs, "
+        f"Python {machine.get('python')}, asyncpg {machine.get('asyncpg')}, "
+        f"loop {machine.get('event_loop')}"
+    )
+    method = (
+        f"{settings.seconds:g} s per figure after {settings.warmup:g} s warm-up; payload "
+        f"{len(encode_data(progress_payload(settings.payload_bytes)))} bytes of JSON; latency per "
+        f"call (per transaction; for the batcher, per append as its task waits); CPU is busy "
+        f"cores on average: this process, and the whole machine ({machine.get('cpu_count')} "
+        f"CPUs, server included)."
+    )
+    figures, choices, notes = figures_table(report), choices_table(report), _notes(report)
+    loads = [machine.get("idle_load_before"), machine.get("idle_load_after")]
+    if any(load is not None for load in loads):
+        shown = " / ".join("—" if load is None else f"{load:.2f}" for load in loads)
+        busy = any(load is not None and load > BUSY_MACHINE_CORES for load in loads)
+        method += f" Busy cores while the benchmark sat idle, before / after: {shown}" + (
+            " — the machine was shared with other work: figures are depressed and noisy."
+            if busy
+            else "."
+        )
+    text = "\n".join(
+        [
+            f"Appends — {started_at}",
+            header,
+            method,
+            "",
+            figures.text(),
+            "",
+            "Design choices (with ÷ without: below 1 is what the choice costs)",
+            choices.text(),
+            "",
+            *notes,
+        ]
+    )
+    markdown = "\n".join(
+        [
+            f"# Appends — {started_at}",
+            "",
+            header,
+            "",
+            method,
+            "",
+            figures.markdown(),
+            "",
+            "## Design choices",
+            "",
+            "With ÷ without: below 1 is what the choice costs.",
+            "",
+            choices.markdown(),
+            "",
+            *(f"- {line}" for line in notes),
+        ]
+    )
+    labels = {spec.key: spec for spec in report.specs}
+    payload: dict[str, Any] = {
+        "benchmark": NAME,
+        "started_at": started_at,
+        "duration_seconds": round(duration_seconds, 1),
+        "settings": asdict(settings),
+        "machine": dict(machine),
+        "server": {"source": source, **server},
+        "measurements": {
+            key: {
+                "label": labels[key].label.strip(),
+                "baseline": labels[key].baseline,
+                "ratio_to_baseline": _rounded(report.ratio(key, labels[key].baseline)),
+                **sample.to_json(),
+            }
+            for key, sample in report.samples.items()
+        },
+        "choices": {
+            label: {
+                "with": with_key,
+                "without": without_key,
+                "ratio": _rounded(report.ratio(with_key, without_key)),
+            }
+            for label, with_key, without_key in _choices(report)
+        },
+        "log": report.log_stats,
+        "notes": notes,
+    }
+    return Rendered(text=text, markdown=markdown, payload=payload)
+
+
+async def main(ctx: Context) -> None:
+    """Run the benchmark in a fresh database, print the tables, write appends.json/.md."""
+    settings = Settings(
+        seconds=ctx.seconds, warmup=ctx.warmup, tail_budget=max(3.0, 2 * ctx.seconds)
+    )
+    started_at = utc_timestamp()
+    began = time.perf_counter()
+    async with fresh_database(ctx.server.dsn) as dsn:
+        server = await server_info(dsn)
+        load_before = await idle_load(ctx.warmup)
+        report = await measure_all(dsn, settings, progress=ctx.progress)
+        load_after = await idle_load(ctx.warmup)
+    machine = {**machine_info(), "idle_load_before": load_before, "idle_load_after": load_after}
+    rendered = render(
+        report,
+        server=server,
+        machine=machine,
+        source=ctx.server.source,
+        started_at=started_at,
+        duration_seconds=time.perf_counter() - began,
+    )
+    print(rendered.text, flush=True)
+    json_path, md_path = write_results(ctx.out_dir, NAME, rendered.payload, rendered.markdown)
+    ctx.progress(f"wrote {json_path} and {md_path}")

@@ -1,0 +1,75 @@
+"""The appends benchmark's moving parts run end to end against a real database.
+
+Only that every figure is produced and positive is checked: speed is never asserted in tests
+(shared, noisy machines), but a benchmark that silently stopped measuring would go unnoticed
+until someone needed its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+
+from bench import appends
+from bench.common import machine_info, server_info, write_results
+
+# A fraction of a second per figure, two writers instead of sixteen, a small batcher.
+TINY = appends.Settings(
+    seconds=0.15,
+    warmup=0.03,
+    many=2,
+    batch_events=5,
+    jobs_per_writer=2,
+    batcher_jobs=20,
+    batcher_max=8,
+    batcher_connections=2,
+    tail_page=50,
+    tail_budget=1.0,
+)
+
+
+async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path: Path) -> None:
+    report = await appends.measure_all(database_url, TINY)
+
+    assert set(report.samples) == {spec.key for spec in appends.plan(TINY)}
+    for key, sample in report.samples.items():
+        assert sample.events > 0, key
+        assert sample.transactions > 0, key
+        assert sample.events_per_s > 0, key
+        assert sample.transactions_per_s > 0, key
+        assert sample.p50_ms > 0, key
+        assert sample.p99_ms >= sample.p50_ms, key
+    for spec in report.specs:
+        if spec.baseline is not None:
+            ratio = report.ratio(spec.key, spec.baseline)
+            assert ratio is not None
+            assert ratio > 0, spec.key
+    assert report.samples["tail"].extra["complete"] is True
+    assert report.log_stats["events"] > 0
+
+    # The run switched the commit-order lock off for one figure: it must be back on.
+    conn = await asyncpg.connect(database_url)
+    try:
+        state = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = $1",
+            appends.APPEND_LOCK_TRIGGER,
+        )
+    finally:
+        await conn.close()
+    assert state == "O"
+
+    rendered = appends.render(
+        report,
+        server=await server_info(database_url),
+        machine=machine_info(),
+        source="test",
+        started_at="now",
+        duration_seconds=1.0,
+    )
+    json_path, md_path = write_results(tmp_path, appends.NAME, rendered.payload, rendered.markdown)
+    payload = json.loads(json_path.read_text())
+    assert payload["measurements"]["append_one_2"]["events_per_s"] > 0
+    assert payload["server"]["server_version"]
+    assert "| measurement |" in md_path.read_text()
