@@ -21,6 +21,7 @@ append conflicts and none needs a read first: what is measured is the append pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from services.common.eventlog import (
     EventLogError,
     NewEvent,
 )
+from services.common.notifier import Notifier
 from services.common.queries import QUERIES
 
 from .common import (
@@ -255,30 +257,46 @@ async def measure_append(
     writers: int,
     per_call: int,
     notify: bool = True,
+    after_commit: bool = False,
     append_lock: bool = True,
 ) -> Sample:
     """`EventLog.append` from `writers` concurrent writers through one pool of that size.
 
+    `after_commit` wakes readers as the export service does by default: no NOTIFY in the append
+    transactions, one coalesced NOTIFY from the process's `Notifier` connection after commits.
     Without `append_lock`, the commit-order trigger is disabled for the timed part only and
     re-enabled in every case. It is switched in the same database, not a fresh one, so that the
     events table and its indexes have the size they have in the runs it is compared with.
     """
     payload = progress_payload(settings.payload_bytes)
-    async with pool(dsn, writers) as shared:
-        log = EventLog(shared, notify=notify)
-        seqs = await create_jobs(log, writers * settings.jobs_per_writer)
-        jobs = list(seqs)
-        steps = [
-            functools.partial(_AppendWriter(log, seqs, jobs[i::writers], payload).append, per_call)
-            for i in range(writers)
-        ]
-        if append_lock:
-            return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
-        await _set_append_lock(dsn, enabled=False)
-        try:
-            return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
-        finally:
-            await _set_append_lock(dsn, enabled=True)
+    notifier = Notifier(dsn)
+    sending = asyncio.create_task(notifier.run()) if after_commit else None
+    try:
+        async with pool(dsn, writers) as shared:
+            if after_commit:
+                log = EventLog(shared, notify=False, on_commit=notifier.poke)
+            else:
+                log = EventLog(shared, notify=notify)
+            seqs = await create_jobs(log, writers * settings.jobs_per_writer)
+            jobs = list(seqs)
+            steps = [
+                functools.partial(
+                    _AppendWriter(log, seqs, jobs[i::writers], payload).append, per_call
+                )
+                for i in range(writers)
+            ]
+            if append_lock:
+                return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
+            await _set_append_lock(dsn, enabled=False)
+            try:
+                return await drive(steps, warmup=settings.warmup, seconds=settings.seconds)
+            finally:
+                await _set_append_lock(dsn, enabled=True)
+    finally:
+        if sending is not None:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
 
 
 # --------------------------------------------------------------------------- group commit
@@ -516,6 +534,12 @@ def plan(settings: Settings) -> list[Spec]:
             f"append_one_{n}_no_notify",
             "  same, NOTIFY off",
             p(measure_append, writers=n, per_call=1, notify=False),
+            baseline=f"raw_insert_{n}",
+        ),
+        Spec(
+            f"append_one_{n}_after_commit",
+            "  same, NOTIFY after commit (the service's default)",
+            p(measure_append, writers=n, per_call=1, after_commit=True),
             baseline=f"raw_insert_{n}",
         ),
         Spec(

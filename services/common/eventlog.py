@@ -8,7 +8,7 @@ each append before it is written, and writes every append with one round trip.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -128,10 +128,19 @@ class EventLog:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, *, notify: bool = True, state_cache_size: int = 10_000
+        self,
+        pool: asyncpg.Pool,
+        *,
+        notify: bool = True,
+        on_commit: Callable[[], None] | None = None,
+        state_cache_size: int = 10_000,
     ) -> None:
+        """`notify`: NOTIFY inside each append transaction. `on_commit`: called after an append
+        of ours commits (a `Notifier.poke`, the cheaper way to wake readers under load); with
+        `conn=` the caller owns the commit and calls it."""
         self._pool = pool
         self._notify = notify
+        self._on_commit = on_commit
         self._cache_size = state_cache_size
         self._states: OrderedDict[UUID, JobState] = OrderedDict()
 
@@ -199,8 +208,12 @@ class EventLog:
             # not be taken for the state at that seq.
             remember = False
         results: list[AppendResult | EventLogError] = [None] * len(requests)  # type: ignore[list-item]
+        committed = False
         for slot, item, row in zip(order, prepared, rows, strict=True):
             results[slot] = self._result(item, row, remember=remember)
+            committed = committed or row["result"] == "ok"
+        if committed and remember and self._on_commit is not None:
+            self._on_commit()
         return results
 
     async def _append(

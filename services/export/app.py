@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from schemas.events import Event
 from services.common.db import create_pool, migrate, pending_migrations
 from services.common.eventlog import EventLog
+from services.common.notifier import Notifier
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
 
 from .config import ExportConfig
@@ -24,6 +27,7 @@ CONFIG = web.AppKey("config", ExportConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
 EVENTLOG = web.AppKey("eventlog", EventLog)
 METRICS = web.AppKey("metrics", HttpMetrics)
+NOTIFIER = web.AppKey("notifier", Notifier)
 
 MAX_PAGE = 1000
 
@@ -42,21 +46,32 @@ class EventPage(msgspec.Struct, frozen=True, rename="camel"):
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    if config.notify not in ("after-commit", "transaction"):
+        raise ValueError(f"EXPORT_NOTIFY={config.notify!r}: expected after-commit or transaction")
     pool = await create_pool(
         config.database_url, min_size=config.pool_min, max_size=config.pool_max
     )
+    notifier = Notifier(config.database_url)
+    notifying = asyncio.create_task(notifier.run(), name="notifier")
     try:
         if config.migrate:
             async with pool.acquire() as conn:
                 await migrate(conn)
         app[POOL] = pool
-        app[EVENTLOG] = EventLog(pool, notify=config.notify)
+        app[NOTIFIER] = notifier
+        if config.notify == "transaction":
+            app[EVENTLOG] = EventLog(pool, notify=True)
+        else:
+            app[EVENTLOG] = EventLog(pool, notify=False, on_commit=notifier.poke)
         pool_size = Gauge(
             "db_pool_connections", "Open database connections", registry=app[METRICS].registry
         )
         pool_size.set_function(pool.get_size)
         yield
     finally:
+        notifying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await notifying
         await pool.close()
 
 

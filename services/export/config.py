@@ -15,8 +15,12 @@ class ExportConfig:
     migrate: bool = field(default=True, metadata={"help": "apply migrations at start-up"})
     pool_min: int = field(default=2, metadata={"help": "database connections kept open"})
     pool_max: int = field(default=16, metadata={"help": "database connections at most"})
-    notify: bool = field(
-        default=True, metadata={"help": "wake readers with a NOTIFY in each append transaction"}
+    notify: str = field(
+        default="after-commit",
+        metadata={
+            "help": "how appends wake readers: after-commit (one coalesced NOTIFY from a "
+            "connection of its own) or transaction (a NOTIFY inside each append)"
+        },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(

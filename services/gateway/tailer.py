@@ -17,10 +17,9 @@ import structlog
 
 from schemas.events import Event
 from services.common.eventlog import EventLog
+from services.common.notifier import CHANNEL
 
 log = structlog.get_logger(__name__)
-
-CHANNEL = "exportlog_events"
 
 
 class Tailer:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import pytest
 import websockets
 
 from services.common.eventlog import EventLog
+from services.common.notifier import Notifier
 from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
 from tests.support import new_job, progress, wait_for
@@ -68,3 +72,28 @@ async def test_close_is_safe_twice(database_url: str) -> None:
     await gateway.start()
     await gateway.close()
     await gateway.close()
+
+
+async def test_an_after_commit_notify_wakes_the_tailer(
+    gateway: Gateway, pool: asyncpg.Pool, database_url: str
+) -> None:
+    notifier = Notifier(database_url)
+    sending = asyncio.create_task(notifier.run())
+    try:
+        log = EventLog(pool, notify=False, on_commit=notifier.poke)
+        await wait_for(lambda: gateway.tailer.listening and gateway.tailer.reads >= 1)
+        job_id = await new_job(log)
+        result = await log.append(job_id, 2, [progress(1)])
+        await wait_for(lambda: gateway.tailer.position == result.last_position)
+        assert 1 <= notifier.sent <= 3
+
+        # Pokes that arrive together share one NOTIFY.
+        sent = notifier.sent
+        for _ in range(100):
+            notifier.poke()
+        await wait_for(lambda: notifier.sent > sent)
+        assert notifier.sent - sent <= 2
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
