@@ -25,6 +25,7 @@ from schemas.events import (
     PhaseChanged,
     Progress,
     Queued,
+    Resumed,
     StageProgress,
     Started,
     decode_data,
@@ -33,9 +34,11 @@ from schemas.events import (
     encode_event,
     type_of,
 )
+from schemas.messages import CATALOGUE, message, render
 from schemas.state import JobState, fold, initial_state, replay
 
 __all__ = [
+    "CATALOGUE",
     "EVENT_TYPES",
     "GENESIS_HASH",
     "OUTCOME_TYPES",
@@ -60,6 +63,7 @@ __all__ = [
     "PhaseChanged",
     "Progress",
     "Queued",
+    "Resumed",
     "StageProgress",
     "Started",
     "decode_data",
@@ -69,6 +73,8 @@ __all__ = [
     "event_hash",
     "fold",
     "initial_state",
+    "message",
+    "render",
     "replay",
     "type_of",
     "verify_chain",

@@ -22,6 +22,8 @@ import msgspec
 Phase: TypeAlias = Literal["processing", "downloading"]
 Stage: TypeAlias = Literal["images", "visualizations", "annotations", "metrics", "compression"]
 CancelledBy: TypeAlias = Literal["user", "system", "timeout"]
+AnnotationFormat: TypeAlias = Literal["coco", "yolo"]
+MetricsFormat: TypeAlias = Literal["csv"]
 ParamValue: TypeAlias = str | int | float
 Timestamp: TypeAlias = Annotated[datetime, msgspec.Meta(tz=True)]
 """A moment with its time zone; naive datetimes are refused when decoding."""
@@ -52,8 +54,8 @@ class ExportOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     include_original_images: bool = True
     include_visualizations: bool = True
-    annotation_formats: tuple[str, ...] = ("coco",)
-    metrics_formats: tuple[str, ...] = ("csv",)
+    annotation_formats: tuple[AnnotationFormat, ...] = ("coco",)
+    metrics_formats: tuple[MetricsFormat, ...] = ("csv",)
     include_documentation: bool = True
 
 
@@ -92,6 +94,17 @@ class Started(EventData, frozen=True, kw_only=True):
     worker_id: str = ""
     attempt: int = 1
     total_items: int | None = None
+
+
+class Resumed(EventData, frozen=True, kw_only=True):
+    """Another worker took the job over after its worker stopped renewing its lease."""
+
+    TYPE: ClassVar[str] = "export:resumed"
+    worker_id: str = ""
+    previous_worker: str = ""
+    attempt: int = 1
+    from_stage: Stage | None = None
+    reason: str = "lease expired"
 
 
 class Progress(EventData, frozen=True, kw_only=True):
@@ -177,6 +190,7 @@ class ArchiveExpired(EventData, frozen=True, kw_only=True):
 EVENT_CLASSES: tuple[type[EventData], ...] = (
     Queued,
     Started,
+    Resumed,
     Progress,
     PhaseChanged,
     CancelRequested,

@@ -35,6 +35,7 @@ from schemas.events import (
     PhaseChanged,
     Progress,
     Queued,
+    Resumed,
     Stage,
     StageProgress,
     Started,
@@ -124,6 +125,15 @@ def _apply(state: JobState, data: EventData, event: Event) -> JobState:
                 queued_at=at,
             )
         case Started():
+            if terminal:
+                return state
+            return msgspec.structs.replace(
+                state,
+                status="cancelling" if state.status == "cancelling" else "running",
+                attempt=max(state.attempt + 1, data.attempt),
+                started_at=state.started_at or at,
+            )
+        case Resumed():
             if terminal:
                 return state
             return msgspec.structs.replace(

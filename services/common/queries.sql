@@ -69,3 +69,80 @@ SELECT owner_id, recorded_at FROM events WHERE job_id = $1 AND seq = 1;
 -- name: lock_job
 -- Hold a job's projection row, as appends do, while the projection is rebuilt.
 SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE;
+
+-- name: claim_jobs
+-- Take up to $2 claimable jobs for worker $1 under a lease of $3 seconds: unfinished jobs that
+-- nobody holds, either never claimed or whose lease ran out (their worker died). A user with $4 jobs running already
+-- waits. SKIP LOCKED lets many workers claim at once without blocking each other.
+WITH candidate AS (
+    SELECT j.job_id, j.lease_owner AS previous_owner
+      FROM jobs j
+     WHERE j.status IN ('queued', 'running', 'cancelling')
+       AND (j.lease_expires_at IS NULL OR j.lease_expires_at < now())
+       AND (SELECT count(*) FROM jobs r
+             WHERE r.owner_id = j.owner_id AND r.job_id <> j.job_id
+               AND r.status IN ('running', 'cancelling')
+               AND r.lease_expires_at >= now()) < $4
+     ORDER BY j.created_at, j.job_id
+     LIMIT $2
+       FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs
+   SET lease_owner = $1,
+       lease_expires_at = now() + make_interval(secs => $3),
+       attempts = jobs.attempts + 1
+  FROM candidate
+ WHERE jobs.job_id = candidate.job_id
+RETURNING jobs.job_id, jobs.project_id, jobs.owner_id, jobs.status, jobs.last_seq, jobs.state,
+          jobs.attempts, candidate.previous_owner;
+
+-- name: renew_leases
+-- Extend worker $1's leases on jobs $2 by $3 seconds; answer each job still held with its
+-- status, so a cancel requested elsewhere is noticed here too.
+UPDATE jobs
+   SET lease_expires_at = now() + make_interval(secs => $3)
+ WHERE job_id = ANY ($2::uuid[]) AND lease_owner = $1
+RETURNING job_id, status;
+
+-- name: release_lease
+-- The job is finished (or given back): let go of it.
+UPDATE jobs
+   SET lease_owner = NULL, lease_expires_at = NULL
+ WHERE job_id = $1 AND lease_owner = $2;
+
+-- name: cancelling_among
+-- Which of these jobs have a cancel requested.
+SELECT job_id FROM jobs WHERE job_id = ANY ($1::uuid[]) AND status = 'cancelling';
+
+-- name: queue_position
+-- How many queued jobs are ahead of this one (0: it is next).
+SELECT count(*)
+  FROM jobs q, jobs j
+ WHERE j.job_id = $1 AND q.status = 'queued'
+   AND (q.created_at, q.job_id) < (j.created_at, j.job_id);
+
+-- name: remember_idempotency_key
+-- Record which job a client's Idempotency-Key created; nothing when the key is known already.
+INSERT INTO idempotency_keys (owner_id, project_id, key, request_hash, job_id)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING
+RETURNING job_id;
+
+-- name: idempotency_key
+-- The job an Idempotency-Key created before, and the request it came with.
+SELECT job_id, request_hash
+  FROM idempotency_keys
+ WHERE owner_id = $1 AND project_id = $2 AND key = $3;
+
+-- name: project_jobs_page
+-- A project's jobs, newest first, after a (created_at, job_id) cursor.
+SELECT job_id, status, last_seq, state, created_at
+  FROM jobs
+ WHERE project_id = $1 AND status <> 'new'
+   AND ($2::timestamptz IS NULL OR (created_at, job_id) < ($2, $3::uuid))
+ ORDER BY created_at DESC, job_id DESC
+ LIMIT $4;
+
+-- name: job_ownership
+-- A job's project and owner, for access checks.
+SELECT project_id, owner_id, status, last_seq FROM jobs WHERE job_id = $1 AND status <> 'new';

@@ -31,8 +31,12 @@ def main() -> None:
         loop_factory = uvloop.new_event_loop
     log = structlog.get_logger("services.export")
     log.info("export service starting", host=config.host, port=config.port)
+    try:
+        app = create_app(config)
+    except ValueError as exc:
+        sys.exit(f"exportlog-export: {exc}")
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         print=None,

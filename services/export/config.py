@@ -22,6 +22,40 @@ class ExportConfig:
             "connection of its own) or transaction (a NOTIFY inside each append)"
         },
     )
+    jwt_secret: str = field(
+        default="", metadata={"fallback": "JWT_SECRET", "help": "HS256 secret for bearer tokens"}
+    )
+    jwt_public_key: str = field(
+        default="",
+        metadata={"fallback": "JWT_PUBLIC_KEY", "help": "PEM public key (RS256/ES256) instead"},
+    )
+    jwt_audience: str = field(default="", metadata={"help": "required token audience, if any"})
+    jwt_issuer: str = field(default="", metadata={"help": "required token issuer, if any"})
+    data_root: str = field(
+        default="data/projects", metadata={"help": "folder holding one folder per project"}
+    )
+    work_root: str = field(
+        default="data/work", metadata={"help": "scratch space of running exports"}
+    )
+    archive_root: str = field(
+        default="data/archives", metadata={"help": "finished archives, served for download"}
+    )
+    workers: int = field(default=2, metadata={"help": "exports run at once by this process"})
+    per_user_limit: int = field(
+        default=2, metadata={"help": "exports of one user running at once, across processes"}
+    )
+    lease_seconds: float = field(
+        default=15.0, metadata={"help": "a worker silent this long loses its job to another"}
+    )
+    max_attempts: int = field(
+        default=3, metadata={"help": "claims of a job before it fails as worker_lost"}
+    )
+    poll_interval: float = field(
+        default=2.0, metadata={"help": "seconds between looks for work without a NOTIFY"}
+    )
+    worker_id: str = field(
+        default="", metadata={"help": "name of this process in events (default host:pid)"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

@@ -29,6 +29,7 @@ from schemas.events import (
     PhaseChanged,
     Progress,
     Queued,
+    Resumed,
     StageProgress,
     Started,
     encode_data,
@@ -93,8 +94,8 @@ def payload_strategies(
         ExportOptions,
         include_original_images=st.booleans(),
         include_visualizations=st.booleans(),
-        annotation_formats=st.lists(text, max_size=3).map(tuple),
-        metrics_formats=st.lists(text, max_size=3).map(tuple),
+        annotation_formats=st.lists(st.sampled_from(["coco", "yolo"]), max_size=3).map(tuple),
+        metrics_formats=st.lists(st.just("csv"), max_size=2).map(tuple),
         include_documentation=st.booleans(),
     )
     stage_progress = st.builds(
@@ -103,6 +104,14 @@ def payload_strategies(
     return {
         Queued: st.builds(
             Queued, options=options, requested_by=text, queue_position=_optional(COUNTS)
+        ),
+        Resumed: st.builds(
+            Resumed,
+            worker_id=text,
+            previous_worker=text,
+            attempt=st.integers(1, 10),
+            from_stage=_optional(st.sampled_from(STAGES)),
+            reason=text,
         ),
         Started: st.builds(
             Started,

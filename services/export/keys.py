@@ -1,0 +1,22 @@
+"""The typed keys under which the export application shares its resources."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from services.common.auth import TokenVerifier
+from services.common.eventlog import EventLog
+from services.common.notifier import Notifier
+from services.common.web import HttpMetrics
+
+from .config import ExportConfig
+from .worker import Worker
+
+CONFIG = web.AppKey("config", ExportConfig)
+POOL = web.AppKey("pool", asyncpg.Pool)
+EVENTLOG = web.AppKey("eventlog", EventLog)
+METRICS = web.AppKey("metrics", HttpMetrics)
+NOTIFIER = web.AppKey("notifier", Notifier)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+WORKER = web.AppKey("worker", Worker)

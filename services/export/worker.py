@@ -1,0 +1,580 @@
+"""Running export jobs: claim under a lease, run the pipeline, report, and end in one outcome.
+
+Each export process runs one `Worker`. It waits for work on "notified, poll timer or stop",
+claims jobs with `FOR UPDATE SKIP LOCKED` under a lease it renews while the job runs, and runs
+each job's pipeline in a thread (the stages are file and image work), pumping the pipeline's
+per-item reports through the progress tracker into the log.
+
+A job ends in exactly one outcome, decided by the log: every append names the seq it expects, so
+a cancel requested by any process makes the worker's next append conflict; the worker then reads
+the job, sees the cancel, stops at the current item, cleans up and appends `cancelled`.
+
+Takeover: a worker that dies stops renewing its lease. Once the lease has run out another worker
+claims the job, appends `export:resumed`, and resumes from the first stage the log does not show
+as finished, reusing that stage's outputs when the scratch folder is shared and intact (the
+pipeline checks) and redoing them otherwise. After `max_attempts` claims the job fails as
+`worker_lost`, retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import structlog
+
+from schemas.events import (
+    ArchiveInfo,
+    Cancelled,
+    CancelledBy,
+    Completed,
+    EventData,
+    Failed,
+    Progress,
+    Resumed,
+    Stage,
+    Started,
+)
+from schemas.messages import CATALOGUE, message
+from schemas.state import JobState
+from services.common.eventlog import ConflictError, EventLog, JobClosedError, NewEvent
+from services.common.queries import QUERIES
+
+from .config import ExportConfig
+from .pipeline import ExportPipeline, PipelineCancelled, PipelineError, stage_weights
+from .progress import ProgressTracker
+
+log = structlog.get_logger(__name__)
+
+JOBS_CHANNEL = "exportlog_jobs"
+CANCEL_CHANNEL = "exportlog_cancel"
+
+_state_decoder = msgspec.json.Decoder(JobState)
+
+_Report = tuple[Stage, int, int, str | None]
+"""One pipeline report: stage, items done, items in all, the current item's name."""
+
+
+class LeaseLost(Exception):
+    """Another worker holds the job now: stop without writing anything more."""
+
+
+@dataclass(eq=False)
+class RunningJob:
+    """A job this process is running, and the flags its pipeline thread reads."""
+
+    job_id: uuid.UUID
+    project_id: str
+    state: JobState
+    seq: int
+    attempt: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lease_lost: bool = False
+    shutting_down: bool = False
+
+    def stop(self) -> None:
+        self.cancel.set()
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    """Claims and runs jobs until cancelled; `run()` owns every task it starts."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        eventlog: EventLog,
+        config: ExportConfig,
+        *,
+        worker_id: str | None = None,
+    ) -> None:
+        self._pool = pool
+        self._log = eventlog
+        self._config = config
+        self.worker_id = worker_id or config.worker_id or default_worker_id()
+        self._wake = asyncio.Event()
+        self._running: dict[uuid.UUID, RunningJob] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.data_root = Path(config.data_root)
+        self.work_root = Path(config.work_root)
+        self.archive_root = Path(config.archive_root)
+        self.listening = False
+        self.shutdown_grace = 10.0
+        self._queues: dict[uuid.UUID, asyncio.Queue[_Report | None]] = {}
+        self._checks: set[asyncio.Task[None]] = set()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for work now (a job was queued or a slot freed)."""
+        self._wake.set()
+
+    def cancel_local(self, job_id: uuid.UUID) -> bool:
+        """Stop a job this process runs at its current item; False if it runs elsewhere."""
+        job = self._running.get(job_id)
+        if job is None:
+            return False
+        job.stop()
+        return True
+
+    @property
+    def running(self) -> list[uuid.UUID]:
+        return list(self._running)
+
+    async def run(self) -> None:
+        """Claim and run jobs until cancelled; on the way out give running jobs back."""
+        self.archive_root.mkdir(parents=True, exist_ok=True)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        helpers = [
+            asyncio.create_task(self._listen(), name="worker-listen"),
+            asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+        ]
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._config.poll_interval)
+                self._wake.clear()
+                try:
+                    await self._claim()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("claiming work failed; retrying", error=repr(exc))
+        finally:
+            for helper in [*helpers, *self._checks]:
+                helper.cancel()
+            for job in self._running.values():
+                job.shutting_down = True
+                job.stop()
+            if self._tasks:
+                # Running jobs stop at their next item and hand their lease back; a job that
+                # does not manage it in time is cancelled, so shutdown always ends.
+                _done, pending = await asyncio.wait(self._tasks, timeout=self.shutdown_grace)
+                for task in pending:
+                    log.warning("export job did not stop in time; cancelling", task=task.get_name())
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5)
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
+
+    async def _claim(self) -> None:
+        free = self._config.workers - len(self._running)
+        if free <= 0:
+            return
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                QUERIES["claim_jobs"],
+                self.worker_id,
+                free,
+                self._config.lease_seconds,
+                self._config.per_user_limit,
+            )
+        for row in rows:
+            state = _state_decoder.decode(row["state"])
+            job = RunningJob(
+                job_id=row["job_id"],
+                project_id=row["project_id"],
+                state=state,
+                seq=row["last_seq"],
+                attempt=row["attempts"],
+            )
+            self._running[job.job_id] = job
+            task = asyncio.create_task(
+                self._run_job(job, previous_owner=row["previous_owner"]),
+                name=f"export-{job.job_id}",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # -- one job ---------------------------------------------------------------------------
+
+    async def _run_job(self, job: RunningJob, *, previous_owner: str | None) -> None:
+        bound = log.bind(job_id=str(job.job_id), worker=self.worker_id)
+        try:
+            await self._execute(job, previous_owner, bound)
+        except LeaseLost:
+            bound.warning("lease lost: another worker has the job")
+        except _CancelWon:
+            # A cancel or another outcome got in before our append; the log decides.
+            shutil.rmtree(self.work_root / str(job.job_id), ignore_errors=True)
+            if not job.state.is_terminal:
+                await self._cancelled(job)
+        except Exception:
+            bound.exception("export job crashed")
+            with contextlib.suppress(Exception):
+                await self._finish(
+                    job,
+                    Failed(
+                        code="internal",
+                        message=message("export.failed.internal"),
+                        retryable=True,
+                        progress=job.state.progress,
+                    ),
+                )
+        finally:
+            self._running.pop(job.job_id, None)
+            if not job.shutting_down and not job.lease_lost:
+                # The job has ended (or failed to start): its scratch space goes with it. A job
+                # handed back keeps it, so that the next worker can resume from it.
+                await asyncio.to_thread(
+                    shutil.rmtree, self.work_root / str(job.job_id), ignore_errors=True
+                )
+            with contextlib.suppress(Exception):
+                async with self._pool.acquire() as conn:
+                    if job.shutting_down:
+                        # Give the job back at once: another process resumes it.
+                        await conn.execute(
+                            "UPDATE jobs SET lease_expires_at = now() "
+                            "WHERE job_id = $1 AND lease_owner = $2",
+                            job.job_id,
+                            self.worker_id,
+                        )
+                    else:
+                        await conn.execute(QUERIES["release_lease"], job.job_id, self.worker_id)
+            self.wake()
+
+    async def _execute(
+        self, job: RunningJob, previous_owner: str | None, bound: structlog.BoundLogger
+    ) -> None:
+        state = job.state
+        if state.is_terminal:
+            return
+        work_dir = self.work_root / str(job.job_id)
+        if job.attempt > self._config.max_attempts:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            await self._finish(
+                job,
+                Failed(
+                    code="worker_lost",
+                    message=message("export.failed.worker_lost", attempts=job.attempt - 1),
+                    retryable=True,
+                    progress=state.progress,
+                ),
+            )
+            return
+        if state.status == "cancelling":
+            shutil.rmtree(work_dir, ignore_errors=True)
+            await self._cancelled(job)
+            return
+
+        pipeline = ExportPipeline(
+            self.data_root / job.project_id,
+            work_dir,
+            state.options,
+            report=self._reporter(job),
+            is_cancelled=job.cancel.is_set,
+            archive_name=f"{job.project_id}-export-{str(job.job_id)[:8]}.zip",
+        )
+        try:
+            plan = await asyncio.to_thread(pipeline.plan)
+        except PipelineError as exc:
+            await asyncio.to_thread(pipeline.cleanup)
+            await self._failed(job, exc)
+            return
+        total_items = sum(items for _, items in plan)
+        done: frozenset[Stage] = frozenset()
+        if state.status == "queued":
+            await self._append(
+                job,
+                Started(worker_id=self.worker_id, attempt=job.attempt, total_items=total_items),
+            )
+        else:
+            done = _finished_stages(state, [stage for stage, _ in plan])
+            await self._append(
+                job,
+                Resumed(
+                    worker_id=self.worker_id,
+                    previous_worker=previous_owner or "",
+                    attempt=job.attempt,
+                    from_stage=next((s for s, _ in plan if s not in done), None),
+                ),
+            )
+        bound.info("export started", attempt=job.attempt, items=total_items)
+
+        weights = stage_weights(plan)
+        tracker = ProgressTracker(
+            weights or {stage: 1.0 for stage, _ in plan} or {"compression": 1.0}
+        )
+        started = time.monotonic()
+        reports: asyncio.Queue[_Report | None] = asyncio.Queue()
+        self._queues[job.job_id] = reports
+        pump = asyncio.create_task(self._pump(job, tracker, reports))
+        try:
+            try:
+                result = await asyncio.to_thread(pipeline.run, done_stages=done)
+            finally:
+                reports.put_nowait(None)
+                await pump
+                self._queues.pop(job.job_id, None)
+        except PipelineCancelled:
+            await asyncio.to_thread(pipeline.cleanup)
+            if job.lease_lost:
+                raise LeaseLost from None
+            if job.shutting_down:
+                bound.info("export handed back for another process to resume")
+                return
+            await self._cancelled(job)
+            return
+        except PipelineError as exc:
+            await asyncio.to_thread(pipeline.cleanup)
+            await self._failed(job, exc)
+            return
+
+        final = tracker.flush(asyncio.get_running_loop().time())
+        archive_dir = self.archive_root / str(job.job_id)
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        archive_path = archive_dir / result.file_name
+        await asyncio.to_thread(shutil.move, result.path, archive_path)
+        completed = Completed(
+            archive=ArchiveInfo(
+                file_name=result.file_name, size_bytes=result.size_bytes, sha256=result.sha256
+            ),
+            processing_time_ms=int((time.monotonic() - started) * 1000),
+            message=message("export.completed", file=result.file_name, bytes=result.size_bytes),
+        )
+        try:
+            await self._finish(job, completed, before=[final] if final else [])
+        except (JobClosedError, _CancelWon):
+            # The cancel committed first: it wins, and no archive may remain.
+            shutil.rmtree(archive_dir, ignore_errors=True)
+            await asyncio.to_thread(pipeline.cleanup)
+            await self._cancelled(job)
+            return
+        await asyncio.to_thread(pipeline.cleanup)
+        bound.info("export completed", bytes=result.size_bytes, seq=job.seq)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _reporter(self, job: RunningJob) -> Callable[[Stage, int, int, str | None], None]:
+        """The pipeline thread's report callback: hand each report to the event loop."""
+        loop = asyncio.get_running_loop()
+
+        def report(stage: Stage, current: int, total: int, item: str | None) -> None:
+            queue = self._queues.get(job.job_id)
+            if queue is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, (stage, current, total, item))
+
+        return report
+
+    async def _pump(
+        self,
+        job: RunningJob,
+        tracker: ProgressTracker,
+        reports: asyncio.Queue[_Report | None],
+    ) -> None:
+        """Throttled progress into the log, one append at a time; heartbeats in quiet spells."""
+        loop = asyncio.get_running_loop()
+        while True:
+            report: _Report | bool | None
+            try:
+                report = await asyncio.wait_for(reports.get(), 0.25)
+            except TimeoutError:
+                report = False  # nothing new: maybe a heartbeat is due
+            if report is None:
+                return
+            now = loop.time()
+            progress: Progress | None
+            if report is False:
+                progress = tracker.tick(now)
+            else:
+                stage, current, total, item = report  # type: ignore[misc]
+                progress = tracker.update(stage, current, total, item, now)
+            if progress is None or job.cancel.is_set():
+                continue
+            try:
+                await self._append(job, progress)
+            except (ConflictError, JobClosedError, _CancelWon):
+                job.stop()
+            except LeaseLost:
+                job.stop()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Progress is informative; a lost report is replaced by the next one.
+                log.warning("progress append failed", job_id=str(job.job_id), error=repr(exc))
+
+    async def _append(self, job: RunningJob, data: EventData, *more: EventData) -> None:
+        """Append to the job at the seq we know; on conflict re-read and decide.
+
+        Raises _CancelWon when a cancel (or another outcome) got in first, LeaseLost when
+        another worker has taken over.
+        """
+        events = [NewEvent(data=d, actor=f"worker:{self.worker_id}") for d in (data, *more)]
+        for _ in range(3):
+            try:
+                result = await self._log.append(job.job_id, job.seq, events)
+            except ConflictError:
+                await self._refresh(job)
+                continue
+            job.seq = result.last_seq
+            if result.state is not None:
+                job.state = result.state
+            return
+        raise ConflictError(job.job_id, job.seq, job.seq)
+
+    async def _refresh(self, job: RunningJob) -> None:
+        state = await self._log.job_state(job.job_id)
+        if state is None:
+            raise LeaseLost
+        job.state, job.seq = state, state.seq
+        if state.is_terminal or state.status == "cancelling":
+            job.stop()
+            raise _CancelWon
+        if job.lease_lost:
+            raise LeaseLost
+
+    async def _finish(
+        self, job: RunningJob, outcome: EventData, *, before: list[Progress] | None = None
+    ) -> None:
+        events: list[EventData] = [*(before or []), outcome]
+        await self._append(job, *events)
+
+    async def _cancelled(self, job: RunningJob) -> None:
+        state = job.state
+        by: CancelledBy = "user" if state.cancel_requested_by else "system"
+        outcome = Cancelled(
+            cancelled_by=by,
+            progress=state.progress,
+            cleanup_completed=True,
+            message=message("export.cancelled", progress=round(state.progress)),
+        )
+        for _ in range(3):
+            try:
+                await self._log.append(
+                    job.job_id, job.seq, [NewEvent(data=outcome, actor=f"worker:{self.worker_id}")]
+                )
+                return
+            except ConflictError:
+                state = await self._log.job_state(job.job_id) or state
+                job.state, job.seq = state, state.seq
+                if state.is_terminal:
+                    return
+            except JobClosedError:
+                return
+
+    async def _failed(self, job: RunningJob, error: PipelineError) -> None:
+        outcome = Failed(
+            stage=error.stage,
+            code=error.code,
+            message=message(
+                key if (key := f"export.failed.{error.code}") in CATALOGUE else "export.failed",
+                detail=error.message,
+                code=error.code,
+            ),
+            retryable=error.retryable,
+            progress=job.state.progress,
+        )
+        try:
+            await self._finish(job, outcome)
+        except (_CancelWon, JobClosedError):
+            await self._cancelled(job)
+
+    # -- liveness and signals ----------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of running jobs; notice cancels and takeovers the log shows."""
+        interval = max(self._config.lease_seconds / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            if not self._running:
+                continue
+            ids = list(self._running)
+            try:
+                async with self._pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        QUERIES["renew_leases"], self.worker_id, ids, self._config.lease_seconds
+                    )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("lease renewal failed", error=repr(exc))
+                continue
+            held = {row["job_id"]: row["status"] for row in rows}
+            for job_id in ids:
+                job = self._running.get(job_id)
+                if job is None:
+                    continue
+                if job_id not in held:
+                    job.lease_lost = True
+                    job.stop()
+                elif held[job_id] in ("cancelling", "cancelled", "failed", "completed"):
+                    job.stop()
+
+    async def _listen(self) -> None:
+        """NOTIFY wake-ups: a job was queued somewhere, or a cancel was requested."""
+        backoff = 0.1
+        while True:
+            closed = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._config.database_url)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("worker LISTEN connection failed", error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            try:
+                conn.add_termination_listener(lambda _c, done=closed: done.set())
+                await conn.add_listener(JOBS_CHANNEL, lambda *_: self.wake())
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notice)
+                self.listening = True
+                self.wake()  # work queued while we were not listening
+                while not closed.is_set():
+                    try:
+                        await asyncio.wait_for(closed.wait(), 10)
+                    except TimeoutError:
+                        await conn.execute("SELECT 1", timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("worker LISTEN connection lost", error=repr(exc))
+            finally:
+                self.listening = False
+                if not conn.is_closed():
+                    await conn.close(timeout=2)
+
+    def _on_cancel_notice(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            job_id = uuid.UUID(payload)
+        except ValueError:
+            return
+        job = self._running.get(job_id)
+        if job is None:
+            return
+        check = asyncio.get_running_loop().create_task(self._check_cancel(job))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _check_cancel(self, job: RunningJob) -> None:
+        # A NOTIFY is only a hint: stop the job only if the log says its cancel was requested.
+        try:
+            state = await self._log.job_state(job.job_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return  # the heartbeat looks again soon
+        if state is not None and (state.status == "cancelling" or state.is_terminal):
+            job.stop()
+
+
+class _CancelWon(Exception):
+    """A cancel (or another outcome) committed before our append."""
+
+
+def _finished_stages(state: JobState, stages: list[Stage]) -> frozenset[Stage]:
+    """Stages the log shows as finished: those before the last reported stage, and that one
+    when its last report had every item done."""
+    if state.stage is None or state.stage not in stages:
+        return frozenset()
+    index = stages.index(state.stage)
+    done = set(stages[:index])
+    progress = state.stage_progress
+    if progress is not None and progress.total > 0 and progress.current >= progress.total:
+        done.add(state.stage)
+    return frozenset(done)
