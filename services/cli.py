@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import time
@@ -25,10 +26,12 @@ import aiohttp
 import asyncpg
 import msgspec
 
+from services.common.auth import issue_token
 from services.common.db import create_pool, migrate
 from services.common.eventlog import EventLog
 from services.common.logs import configure_logging
 from services.common.settings import SettingsError, from_env
+from services.export.demo import create_demo_project
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +101,25 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
             await migrate(conn)
         finally:
             await conn.close()
+        data = Path(config.data_dir)
+        secret = _dev_secret(data)
+        projects = data / "projects"
+        await asyncio.to_thread(create_demo_project, projects, "demo")
         env = dict(environ)
         env.update(
             DATABASE_URL=dsn,
             EXPORT_HOST=config.host,
             EXPORT_PORT=str(config.export_port),
             EXPORT_MIGRATE="false",
+            EXPORT_DATA_ROOT=str(projects),
+            EXPORT_WORK_ROOT=str(data / "work"),
+            EXPORT_ARCHIVE_ROOT=str(data / "archives"),
             GATEWAY_HOST=config.host,
             GATEWAY_PORT=str(config.gateway_port),
+        )
+        env.setdefault("JWT_SECRET", secret)
+        token = issue_token(
+            env["JWT_SECRET"], "dev", projects=["demo"], roles=["user"], ttl=7 * 24 * 3600
         )
         services = {
             "export service": await asyncio.create_subprocess_exec(
@@ -132,7 +146,16 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
                 f"  export service  {export_url}   (health {export_url}/healthz, "
                 f"metrics {export_url}/metrics)\n"
                 f"  gateway         {gateway_url}    (health http://{config.host}:"
-                f"{config.gateway_port}/healthz)\n\n  Ctrl-C stops everything.\n",
+                f"{config.gateway_port}/healthz)\n"
+                f"  demo project    {projects / 'demo'}\n\n"
+                f"  A token for user 'dev' on project 'demo' (valid 7 days):\n\n"
+                f"    export TOKEN={token}\n\n"
+                f"  Start an export and watch it:\n\n"
+                f'    curl -s -X POST -H "Authorization: Bearer $TOKEN" '
+                f"{export_url}/projects/demo/export\n"
+                f'    curl -s -H "Authorization: Bearer $TOKEN" '
+                f"{export_url}/projects/demo/export/<jobId>/status\n\n"
+                f"  Ctrl-C stops everything.\n",
                 flush=True,
             )
             exited = [asyncio.create_task(p.wait()) for p in services.values()]
@@ -150,6 +173,18 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
+
+
+def _dev_secret(data: Path) -> str:
+    """The development signing secret: made once, kept in the data folder, never committed."""
+    path = data / "dev-jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
 
 
 def _redact(dsn: str) -> str:
@@ -198,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("migrate", help="apply migrations")
     verify = commands.add_parser("verify", help="verify a job's hash chain")
     verify.add_argument("job_id", type=uuid.UUID)
+    token = commands.add_parser(
+        "token", help="print a token signed with JWT_SECRET (or the development secret)"
+    )
+    token.add_argument("--user", default="dev")
+    token.add_argument("--project", action="append", dest="projects", default=[])
+    token.add_argument("--role", action="append", dest="roles", default=[])
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds")
     args = parser.parse_args(argv)
 
     try:
@@ -224,6 +266,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(asyncio.run(_migrate(config)))
     if args.command == "verify":
         sys.exit(asyncio.run(_verify(config, args.job_id)))
+    if args.command == "token":
+        secret = os.environ.get("JWT_SECRET") or _dev_secret(Path(config.data_dir))
+        print(
+            issue_token(
+                secret,
+                args.user,
+                projects=args.projects or ["demo"],
+                roles=args.roles or ["user"],
+                ttl=args.ttl,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +114,9 @@ class Worker:
         self.archive_root = Path(config.archive_root)
         self.listening = False
         self.shutdown_grace = 10.0
+        # A seam for tests of the cancel-versus-complete race: awaited with the archive ready,
+        # just before `completed` is appended.
+        self.before_outcome: Callable[[uuid.UUID], Awaitable[None]] | None = None
         self._queues: dict[uuid.UUID, asyncio.Queue[_Report | None]] = {}
         self._checks: set[asyncio.Task[None]] = set()
 
@@ -346,6 +349,8 @@ class Worker:
             processing_time_ms=int((time.monotonic() - started) * 1000),
             message=message("export.completed", file=result.file_name, bytes=result.size_bytes),
         )
+        if self.before_outcome is not None:
+            await self.before_outcome(job.job_id)
         try:
             await self._finish(job, completed, before=[final] if final else [])
         except (JobClosedError, _CancelWon):
