@@ -447,7 +447,14 @@ class Worker:
         await self._append(job, *events)
 
     async def _cancelled(self, job: RunningJob) -> None:
+        # Read the job as the log has it now: the cancel request (and who made it) arrived
+        # after our last append.
+        fresh = await self._log.job_state(job.job_id)
+        if fresh is not None:
+            job.state, job.seq = fresh, fresh.seq
         state = job.state
+        if state.is_terminal:
+            return
         by: CancelledBy = "user" if state.cancel_requested_by else "system"
         outcome = Cancelled(
             cancelled_by=by,

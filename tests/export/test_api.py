@@ -164,6 +164,7 @@ async def test_cancel_stops_a_running_export_and_leaves_no_archive(
     assert body["state"]["status"] == "cancelled", body
     assert body["state"]["cancellation"]["cleanupCompleted"] is True
     assert body["state"]["cancellation"]["requestedBy"] == "alice"
+    assert body["state"]["cancellation"]["cancelledBy"] == "user"
     log = await events(client, job_id, "big")
     assert log[cancel_seq - 1].type == "export:cancel-requested"
     assert log[-1].type == "export:cancelled"
