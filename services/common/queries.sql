@@ -146,3 +146,10 @@ SELECT job_id, status, last_seq, state, created_at
 -- name: job_ownership
 -- A job's project and owner, for access checks.
 SELECT project_id, owner_id, status, last_seq FROM jobs WHERE job_id = $1 AND status <> 'new';
+
+-- name: hand_back
+-- A worker shutting down gives its job back for another to resume at once; a graceful
+-- hand-back is not a failed attempt.
+UPDATE jobs
+   SET lease_expires_at = now(), attempts = greatest(attempts - 1, 0)
+ WHERE job_id = $1 AND lease_owner = $2;

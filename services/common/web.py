@@ -93,7 +93,13 @@ def error_middleware(metrics: HttpMetrics) -> Middleware:
         except web.HTTPException as exc:
             status = exc.status
             if exc.status >= 400 and exc.content_type != "application/json":
-                return error_response(exc.status, _code(exc.status), exc.reason)
+                response = error_response(exc.status, _code(exc.status), exc.reason)
+                for name, value in exc.headers.items():
+                    # Keep what the handler said beyond the body (Content-Range on a 416,
+                    # Allow on a 405, WWW-Authenticate on a 401).
+                    if name.lower() not in ("content-type", "content-length"):
+                        response.headers[name] = value
+                return response
             raise
         except Exception:
             log.exception("request failed", path=request.path, method=request.method)
@@ -115,8 +121,10 @@ def _code(status: int) -> str:
         404: "not_found",
         405: "method_not_allowed",
         409: "conflict",
+        410: "gone",
         413: "too_large",
         415: "unsupported_media_type",
+        416: "range_not_satisfiable",
         422: "invalid",
         429: "too_many_requests",
         503: "unavailable",

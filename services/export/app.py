@@ -22,7 +22,7 @@ from services.common.eventlog import EventLog
 from services.common.notifier import Notifier
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
 
-from . import api, download
+from . import api, download, openapi
 from .config import ExportConfig
 from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, VERIFIER, WORKER
 from .worker import Worker
@@ -126,6 +126,7 @@ def create_app(config: ExportConfig) -> web.Application:
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
+            web.get("/openapi.json", openapi.openapi_json),
             *api.routes(),
             web.get("/projects/{project_id}/export/{job_id}/download", download.download_export),
         ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -26,7 +27,14 @@ import structlog
 from aiohttp import web
 
 from schemas.events import Event, EventData, ExportOptions
-from schemas.jsonschema import ENVELOPE_FILE, SCHEMA_DIR, JSONSchema, _refers_to, build_schemas, render
+from schemas.jsonschema import (
+    ENVELOPE_FILE,
+    SCHEMA_DIR,
+    JSONSchema,
+    _refers_to,
+    build_schemas,
+    render,
+)
 from services.common.eventlog import VerifyReport
 from services.common.web import ErrorResponse, _code
 
@@ -125,17 +133,29 @@ def build_components() -> dict[str, JSONSchema]:
 # -- building blocks ---------------------------------------------------------------------------
 
 
-def _json(schema: JSONSchema, description: str, **extra: Any) -> JSONSchema:
-    return {"description": description, "content": {"application/json": {"schema": schema}}} | extra
-
-
-def _error(status: int, description: str, code: str | None = None) -> JSONSchema:
-    code = code or _code(status)
-    response = _json(_schema(ErrorResponse.__name__), description)
-    response["content"]["application/json"]["example"] = {
-        "error": {"code": code, "message": description}
-    }
+def _json(
+    schema: JSONSchema,
+    description: str,
+    *,
+    headers: JSONSchema | None = None,
+    example: Any = None,
+) -> JSONSchema:
+    media: JSONSchema = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    response: JSONSchema = {"description": description}
+    if headers:
+        response["headers"] = headers
+    response["content"] = {"application/json": media}
     return response
+
+
+def _error(
+    status: int, description: str, code: str | None = None, message: str | None = None
+) -> JSONSchema:
+    """An `ErrorResponse`; its example's `code` is what the handlers answer with."""
+    example = {"error": {"code": code or _code(status), "message": message or description}}
+    return _json(_schema(ErrorResponse.__name__), description, example=example)
 
 
 def _header(description: str, schema: JSONSchema, *, required: bool = True) -> JSONSchema:
@@ -149,7 +169,7 @@ _UNAUTHORIZED = _error(
 ) | {
     "headers": {
         "WWW-Authenticate": _header(
-            "Always `Bearer realm=\"exportlog\"`.",
+            'Always `Bearer realm="exportlog"`.',
             {"type": "string", "const": 'Bearer realm="exportlog"'},
         )
     }
@@ -191,10 +211,13 @@ _PARAMETERS: dict[str, JSONSchema] = {
         },
     ),
     "JobId": _parameter(
-        "job_id", "path", "The export job, as `jobId` in the 202 of the start.", {
+        "job_id",
+        "path",
+        "The export job, as `jobId` in the 202 of the start.",
+        {
             "type": "string",
             "format": "uuid",
-        }
+        },
     ),
     "PageLimit": _parameter(
         "limit",
@@ -229,7 +252,7 @@ def _operation(
         operation["security"] = []
     elif 401 not in responses:
         responses = {401: _UNAUTHORIZED} | responses
-    responses.setdefault(500, _error(500, _INTERNAL))
+    responses.setdefault(500, _error(500, _INTERNAL, "internal", "internal error"))
     operation["responses"] = {str(status): responses[status] for status in sorted(responses)}
     return operation
 
@@ -426,10 +449,10 @@ def _verify_export() -> JSONSchema:
 
 
 _ARCHIVE_HEADERS: JSONSchema = {
-    "ETag": _header(
-        "The archive's sha256, quoted.", {"type": "string", "pattern": '^"[^"]*"$'}
+    "ETag": _header("The archive's sha256, quoted.", {"type": "string", "pattern": '^"[^"]*"$'}),
+    "Accept-Ranges": _header(
+        "Single byte ranges are served.", {"type": "string", "const": "bytes"}
     ),
-    "Accept-Ranges": _header("Single byte ranges are served.", {"type": "string", "const": "bytes"}),
     "Content-Disposition": _header(
         "`attachment` with the archive's file name.", {"type": "string"}
     ),
@@ -481,7 +504,19 @@ def _download_export() -> JSONSchema:
             404: _error(404, _NOT_FOUND_JOB),
             409: _error(409, "The export has not completed: there is no archive to download."),
             410: _error(410, "The archive has expired."),
-            416: _error(416, "The range starts past the end of the archive, or is empty."),
+            416: _error(
+                416,
+                "The range starts past the end of the archive, or asks for its last 0 bytes; "
+                "the message gives the archive's size.",
+            )
+            | {
+                "headers": {
+                    "Content-Range": _header(
+                        "`bytes */size`: the archive's size, to ask again.",
+                        {"type": "string", "pattern": "^bytes \\*/[0-9]+$"},
+                    )
+                }
+            },
         },
         parameters=[
             _PROJECT,
@@ -660,8 +695,9 @@ token's `projects` claim names the projects the caller may read and change (`"*"
 project); its `roles` may hold `auditor` (reads every project, changes nothing) or `service` \
 (may also read the whole log).
 
-**Errors.** Every error answers `{{"error": {{"code", "message"}}}}` (`ErrorResponse`), but a \
-cancel of an export that has already ended, which also names the outcome (`OutcomeError`).
+**Errors.** Every error answers `{{"error": {{"code", "message"}}}}` (`ErrorResponse`), except \
+a cancel of an export that has already ended, whose error also names the outcome \
+(`OutcomeError`).
 
 **Events.** `Event` is the event envelope of `schemas/json/envelope.schema.json`: its `data` is \
 validated by `type`, and an event of a type this version does not know is still a valid event, \
@@ -672,8 +708,8 @@ the download, whose headers are what a client asks HEAD for, documents it."""
 
 
 def build_openapi() -> JSONSchema:
-    """The OpenAPI 3.1 document of every route of the export service."""
-    return {
+    """The OpenAPI 3.1 document of every route of the export service, as plain JSON values."""
+    doc: JSONSchema = {
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": TITLE,
@@ -696,7 +732,7 @@ def build_openapi() -> JSONSchema:
                     "bearerFormat": "JWT",
                     "description": "HS256 with the shared secret, or RS256/ES256/EdDSA with the "
                     "issuer's public key. Claims: `sub` (the user or service, required), `exp` "
-                    "(required), `projects` (project ids, or `*`), `roles` (default `[\"user\"]`"
+                    '(required), `projects` (project ids, or `*`), `roles` (default `["user"]`'
                     "), and `aud`/`iss` when the service is configured to require them.",
                 }
             },
@@ -704,6 +740,10 @@ def build_openapi() -> JSONSchema:
             "schemas": build_components(),
         },
     }
+    # msgspec writes defaults as Python values (a tuple for `annotationFormats`); a round trip
+    # through JSON makes the document equal to what the checked-in file parses to.
+    parsed: JSONSchema = json.loads(json.dumps(doc))
+    return parsed
 
 
 # -- serving and writing -----------------------------------------------------------------------
@@ -716,7 +756,9 @@ def _served() -> bytes:
         return OPENAPI_FILE.read_bytes()
     except FileNotFoundError:
         # An installation without the checked-in file: the same document, generated.
-        log.warning("no checked-in OpenAPI document; serving a generated one", path=str(OPENAPI_FILE))
+        log.warning(
+            "no checked-in OpenAPI document; serving a generated one", path=str(OPENAPI_FILE)
+        )
         return render(build_openapi()).encode()
 
 

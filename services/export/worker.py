@@ -239,13 +239,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 async with self._pool.acquire() as conn:
                     if job.shutting_down:
-                        # Give the job back at once: another process resumes it.
-                        await conn.execute(
-                            "UPDATE jobs SET lease_expires_at = now() "
-                            "WHERE job_id = $1 AND lease_owner = $2",
-                            job.job_id,
-                            self.worker_id,
-                        )
+                        # Give the job back at once: another process resumes it, and a
+                        # graceful hand-back does not count against the job's attempts.
+                        await conn.execute(QUERIES["hand_back"], job.job_id, self.worker_id)
                     else:
                         await conn.execute(QUERIES["release_lease"], job.job_id, self.worker_id)
             self.wake()

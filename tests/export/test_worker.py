@@ -23,12 +23,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from schemas.events import Event, Progress, Resumed, Started, decode_event
+from schemas.events import Event, Progress, Queued, Resumed, Started, decode_event
 from schemas.state import JobState, replay
-from services.common.eventlog import NewEvent
+from services.common.eventlog import AppendRequest, AppendResult, NewEvent
 from services.export.config import ExportConfig
 from services.export.demo import create_demo_project
 from services.export.keys import EVENTLOG, POOL, WORKER
+from services.export.pipeline import STAGES
 from tests.export.conftest import SECRET, Client, ClientFactory, auth
 from tests.support import wait_for
 
@@ -157,9 +158,23 @@ def assert_progress_never_decreases(log: list[Event]) -> None:
     assert folded == sorted(folded), f"folded progress went backwards: {folded}"
 
 
+def assert_finished_stages_not_redone(log: list[Event], resumed: Event) -> None:
+    """After a takeover, no stage before the one the job resumed from is worked on again: the
+    scratch folder is shared and the stages the log shows as finished are intact in it."""
+    assert isinstance(resumed.data, Resumed)
+    assert resumed.data.from_stage is not None
+    first = STAGES.index(resumed.data.from_stage)
+    redone = [
+        (e.seq, e.data.stage)
+        for e in log[resumed.seq :]
+        if isinstance(e.data, Progress) and e.data.stage in STAGES[:first]
+    ]
+    assert not redone, f"resumed from {resumed.data.from_stage}, but redid {redone}"
+
+
 def assert_archive_matches(archive_root: Path, job_id: str, state: dict[str, Any]) -> Path:
     archive = state["archive"]
-    path = archive_root / job_id / archive["fileName"]
+    path: Path = archive_root / job_id / str(archive["fileName"])
     data = path.read_bytes()
     assert len(data) == archive["sizeBytes"]
     assert hashlib.sha256(data).hexdigest() == archive["sha256"]
@@ -353,6 +368,59 @@ async def test_two_processes_share_the_queue_and_never_run_a_job_twice(
     )
 
 
+async def test_a_backlog_of_one_user_is_claimed_within_the_per_user_limit(
+    make_client: ClientFactory, tiny_project: str
+) -> None:
+    """Six queued jobs of one user, six free slots, a limit of two: only two may run."""
+    limit = 2
+    client = await make_client(workers=6, per_user_limit=limit, worker_id="limited")
+    held: set[uuid.UUID] = set()
+    release = asyncio.Event()
+
+    async def hold(job_id: uuid.UUID) -> None:
+        held.add(job_id)
+        await release.wait()
+
+    client.app[WORKER].before_outcome = hold
+    # The backlog appears at once, as after a restart: one claim could take all of it.
+    jobs = [uuid.uuid4() for _ in range(6)]
+    queued = Queued(requested_by="alice")
+    results = await client.app[EVENTLOG].append_many(
+        [
+            AppendRequest(
+                job_id=job,
+                expected_seq=0,
+                events=[NewEvent(data=queued, actor="user:alice")],
+                project_id=tiny_project,
+                owner_id="alice",
+            )
+            for job in jobs
+        ]
+    )
+    assert all(isinstance(result, AppendResult) for result in results), results
+    try:
+        await wait_for(lambda: len(held) >= limit, timeout=30, interval=0.02)
+        async with client.app[POOL].acquire() as conn:
+            claimed = await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE owner_id = 'alice' "
+                "AND lease_owner IS NOT NULL AND lease_expires_at > now()"
+            )
+        assert (claimed, len(held)) <= (limit, limit), (
+            f"{claimed} of alice's jobs claimed at once, {len(held)} running; limit {limit}"
+        )
+    finally:
+        release.set()
+    job_ids = [str(job) for job in jobs]
+    await wait_all_ended(client, job_ids, timeout=30)
+    spans = []
+    for job_id in job_ids:
+        log = await events(client, tiny_project, job_id)
+        assert [e.type for e in outcomes(log)] == ["export:completed"]
+        started = next(e for e in log if e.type == "export:started")
+        spans.append((started.occurred_at, outcomes(log)[0].occurred_at))
+    assert max_overlap(spans) <= limit
+
+
 # -- 4. a worker killed mid-job is taken over ------------------------------------------------
 
 
@@ -435,6 +503,7 @@ async def test_a_worker_killed_mid_job_is_taken_over_and_the_job_completes(
     assert {e.actor for e in after} == {"worker:rescuer"}
     assert all(e.actor == "worker:doomed" for e in log[1 : resumed[0].seq - 1])
     assert outcomes(log)[0].actor == "worker:rescuer"
+    assert_finished_stages_not_redone(log, resumed[0])
     first_new = next(e.data.progress for e in after if isinstance(e.data, Progress))
     assert first_new >= reached, (reached, first_new)
     assert_progress_never_decreases(log)
@@ -494,7 +563,8 @@ async def test_a_graceful_shutdown_hands_the_job_to_another_process(
     async def mid_job() -> bool:
         state = (await status(first, "big", job_id))["state"]
         assert state["status"] in ("queued", "running"), state
-        return bool(state["progress"] >= 10.0)
+        # Past the first stage, so that the next process has finished work to reuse.
+        return state["stage"] not in (None, "images")
 
     await wait_for(mid_job, timeout=30, interval=0.02)
     await asyncio.wait_for(first.close(), 20)
@@ -514,6 +584,8 @@ async def test_a_graceful_shutdown_hands_the_job_to_another_process(
     assert isinstance(resumed[0].data, Resumed)
     assert resumed[0].data.previous_worker == "leaving"
     assert outcomes(log)[0].actor == "worker:staying"
+    assert resumed[0].data.from_stage is not None
+    assert_finished_stages_not_redone(log, resumed[0])
     assert_progress_never_decreases(log)
     assert_archive_matches(Path(export_config.archive_root), job_id, final["state"])
 
