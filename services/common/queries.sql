@@ -72,26 +72,39 @@ SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE;
 
 -- name: claim_jobs
 -- Take up to $2 claimable jobs for worker $1 under a lease of $3 seconds: unfinished jobs that
--- nobody holds, either never claimed or whose lease ran out (their worker died). A user with $4 jobs running already
--- waits. SKIP LOCKED lets many workers claim at once without blocking each other.
-WITH candidate AS (
-    SELECT j.job_id, j.lease_owner AS previous_owner
+-- nobody holds, either never claimed or whose lease ran out (their worker died). A user holds at
+-- most $4 leases: jobs already leased count, and so do the ones this claim takes, ranked by
+-- age per user. Callers run this under the claim lock (see Worker._claim), so that two
+-- processes claiming at the same moment see each other's claims.
+WITH busy AS (
+    SELECT owner_id, count(*) AS n
+      FROM jobs
+     WHERE status IN ('queued', 'running', 'cancelling')
+       AND lease_owner IS NOT NULL AND lease_expires_at >= now()
+     GROUP BY owner_id
+), candidate AS (
+    SELECT j.job_id, j.owner_id, j.created_at, j.lease_owner AS previous_owner
       FROM jobs j
      WHERE j.status IN ('queued', 'running', 'cancelling')
        AND (j.lease_expires_at IS NULL OR j.lease_expires_at < now())
-       AND (SELECT count(*) FROM jobs r
-             WHERE r.owner_id = j.owner_id AND r.job_id <> j.job_id
-               AND r.status IN ('running', 'cancelling')
-               AND r.lease_expires_at >= now()) < $4
+       AND coalesce((SELECT b.n FROM busy b WHERE b.owner_id = j.owner_id), 0) < $4
      ORDER BY j.created_at, j.job_id
-     LIMIT $2
+     LIMIT $2 * greatest($4, 1)
        FOR UPDATE OF j SKIP LOCKED
+), chosen AS (
+    SELECT c.job_id, c.previous_owner
+      FROM (SELECT c.*, row_number() OVER (PARTITION BY c.owner_id
+                                           ORDER BY c.created_at, c.job_id) AS k
+              FROM candidate c) c
+     WHERE coalesce((SELECT b.n FROM busy b WHERE b.owner_id = c.owner_id), 0) + c.k <= $4
+     ORDER BY c.created_at, c.job_id
+     LIMIT $2
 )
 UPDATE jobs
    SET lease_owner = $1,
        lease_expires_at = now() + make_interval(secs => $3),
        attempts = jobs.attempts + 1
-  FROM candidate
+  FROM chosen candidate
  WHERE jobs.job_id = candidate.job_id
 RETURNING jobs.job_id, jobs.project_id, jobs.owner_id, jobs.status, jobs.last_seq, jobs.state,
           jobs.attempts, candidate.previous_owner;

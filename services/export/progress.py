@@ -150,7 +150,10 @@ class ProgressTracker:
         heartbeat: float = 2.0,
         min_step: float = 1.0,
         eta_smoothing: float = 20.0,
+        start_progress: float = 0.0,
     ) -> None:
+        """`start_progress`: the overall progress already reported (a resumed job); nothing
+        below it is emitted."""
         for stage, cost in weights.items():
             if stage not in STAGE_ORDER:
                 raise ValueError(f"unknown stage {stage!r}")
@@ -171,7 +174,8 @@ class ProgressTracker:
         self._total = total
         self._throttle = _Throttle(min_interval, heartbeat, min_step)
         self._rate = _Rate(eta_smoothing)
-        self._fraction = 0.0
+        self._floor = min(PROCESSING_SHARE, max(0.0, start_progress))
+        self._fraction = self._floor / PROCESSING_SHARE
         self._latest: tuple[Stage, StageProgress] | None = None
 
     def update(
@@ -239,8 +243,11 @@ class ProgressTracker:
             phase="processing",
             stage=stage,
             # Two decimals: finer steps are invisible on any bar and only bloat the log.
-            progress=round(PROCESSING_SHARE * self._fraction, 2),
-            phase_progress=round(100.0 * self._fraction, 2),
+            progress=max(self._floor, round(PROCESSING_SHARE * self._fraction, 2)),
+            phase_progress=max(
+                round(100.0 * self._floor / PROCESSING_SHARE, 2),
+                round(100.0 * self._fraction, 2),
+            ),
             stage_progress=counts,
             message=text,
             estimated_time_remaining=self._rate.remaining(now),

@@ -178,7 +178,9 @@ class Worker:
         free = self._config.workers - len(self._running)
         if free <= 0:
             return
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # One claim at a time across processes, so the per-user limit counts every lease.
+            await conn.execute("SELECT pg_advisory_xact_lock(1162628167, 17)")
             rows = await conn.fetch(
                 QUERIES["claim_jobs"],
                 self.worker_id,
@@ -306,7 +308,9 @@ class Worker:
 
         weights = stage_weights(plan)
         tracker = ProgressTracker(
-            weights or {stage: 1.0 for stage, _ in plan} or {"compression": 1.0}
+            weights or {stage: 1.0 for stage, _ in plan} or {"compression": 1.0},
+            # A resumed job redoes part of a stage: its reports start from what the log shows.
+            start_progress=state.progress if state.phase == "processing" else 0.0,
         )
         started = time.monotonic()
         reports: asyncio.Queue[_Report | None] = asyncio.Queue()
@@ -320,12 +324,14 @@ class Worker:
                 await pump
                 self._queues.pop(job.job_id, None)
         except PipelineCancelled:
-            await asyncio.to_thread(pipeline.cleanup)
+            # Scratch files stay for whoever resumes the job (a hand-back) or owns it now (a
+            # lost lease); only a real cancel cleans up.
             if job.lease_lost:
                 raise LeaseLost from None
             if job.shutting_down:
                 bound.info("export handed back for another process to resume")
                 return
+            await asyncio.to_thread(pipeline.cleanup)
             await self._cancelled(job)
             return
         except PipelineError as exc:

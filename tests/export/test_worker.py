@@ -172,6 +172,13 @@ def assert_finished_stages_not_redone(log: list[Event], resumed: Event) -> None:
     assert not redone, f"resumed from {resumed.data.from_stage}, but redid {redone}"
 
 
+def staged_files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each staged file's identity (inode, modification time): a file written again differs."""
+    if not folder.is_dir():
+        return {}
+    return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in folder.iterdir()}
+
+
 def assert_archive_matches(archive_root: Path, job_id: str, state: dict[str, Any]) -> Path:
     archive = state["archive"]
     path: Path = archive_root / job_id / str(archive["fileName"])
@@ -279,14 +286,23 @@ async def test_random_cancels_through_two_processes_leave_one_consistent_outcome
     ]
     archive_root = Path(export_config.archive_root)
     rng = random.Random(2002)
+    # Starts are spread over a few seconds so that jobs do not wait in a long queue: each
+    # cancel then races its job's completion, not its place in the queue.
     plans = [
-        (rng.choice(apps), rng.uniform(0.0, 0.3), rng.choice(apps), rng.choice(["alice", "bob"]))
+        (
+            rng.uniform(0.0, 6.0),
+            rng.choice(apps),
+            rng.uniform(0.0, 0.3),
+            rng.choice(apps),
+            rng.choice(["alice", "bob"]),
+        )
         for _ in range(150)
     ]
 
     async def start_then_cancel(
-        starter: Client, delay: float, canceller: Client, user: str
+        offset: float, starter: Client, delay: float, canceller: Client, user: str
     ) -> tuple[str, int, dict[str, Any]]:
+        await asyncio.sleep(offset)
         job_id = await start(starter, tiny_project, user=user)
         await asyncio.sleep(delay)
         code, body = await cancel(canceller, tiny_project, job_id, user=user)
@@ -297,7 +313,7 @@ async def test_random_cancels_through_two_processes_leave_one_consistent_outcome
     await wait_all_ended(apps[0], job_ids, timeout=30)
 
     seen: dict[str, int] = defaultdict(int)
-    for (job_id, code, body), (_, _, reader, _) in zip(answers, plans, strict=True):
+    for (job_id, code, body), (_, _, _, reader, _) in zip(answers, plans, strict=True):
         assert code in (202, 409), (job_id, code, body)
         final = await status(reader, tiny_project, job_id)
         log = await events(reader, tiny_project, job_id)
@@ -306,6 +322,8 @@ async def test_random_cancels_through_two_processes_leave_one_consistent_outcome
         assert len(ends) == 1, (job_id, [e.type for e in log])
         outcome = ends[0].type.removeprefix("export:")
         seen[outcome] += 1
+        if outcome == "cancelled" and "export:started" in [e.type for e in log]:
+            seen["cancelled while running"] += 1
         assert final["state"]["status"] == outcome
         assert [e.type for e in log].count("export:started") <= 1, (job_id, log)
         if code == 202:
@@ -321,7 +339,7 @@ async def test_random_cancels_through_two_processes_leave_one_consistent_outcome
             assert not (archive_root / job_id).exists(), (job_id, outcome)
     # The race ran both ways (and the rare failure would be a bug of its own).
     assert seen["completed"] > 0, seen
-    assert seen["cancelled"] > 0, seen
+    assert seen["cancelled while running"] > 0, seen
     assert seen["failed"] == 0, seen
 
 
@@ -405,7 +423,7 @@ async def test_a_backlog_of_one_user_is_claimed_within_the_per_user_limit(
                 "SELECT count(*) FROM jobs WHERE owner_id = 'alice' "
                 "AND lease_owner IS NOT NULL AND lease_expires_at > now()"
             )
-        assert (claimed, len(held)) <= (limit, limit), (
+        assert max(claimed, len(held)) <= limit, (
             f"{claimed} of alice's jobs claimed at once, {len(held)} running; limit {limit}"
         )
     finally:
@@ -484,7 +502,26 @@ async def test_a_worker_killed_mid_job_is_taken_over_and_the_job_completes(
     assert not outcomes(before), "the worker finished before it was killed"
     reached = max(e.data.progress for e in before if isinstance(e.data, Progress))
 
+    # The dead worker finished copying the images; its scratch folder is shared and intact.
+    staged = staged_files(Path(export_config.work_root) / job_id / "staging" / "images")
+    assert len(staged) == 300
+
     await make_client(workers=1, lease_seconds=2.0, worker_id="rescuer")
+
+    async def rescuer_past_images() -> bool:
+        log = await events(front, "big", job_id)
+        return bool(outcomes(log)) or any(
+            e.actor == "worker:rescuer"
+            and isinstance(e.data, Progress)
+            and e.data.stage not in (None, "images")
+            for e in log
+        )
+
+    await wait_for(rescuer_past_images, timeout=45, interval=0.02)
+    # The rescuer works on the next stage (staging goes only once the archive is written):
+    # the images the dead worker copied were used as they were.
+    reused = staged_files(Path(export_config.work_root) / job_id / "staging" / "images")
+    assert reused == staged, "the takeover copied the finished images again"
     final = await wait_status(front, "big", job_id, timeout=45)
     assert final["state"]["status"] == "completed", final
     log = await events(front, "big", job_id)
@@ -568,6 +605,9 @@ async def test_a_graceful_shutdown_hands_the_job_to_another_process(
 
     await wait_for(mid_job, timeout=30, interval=0.02)
     await asyncio.wait_for(first.close(), 20)
+    # Handed back, the job keeps its scratch folder: the first stage's work is there to reuse.
+    staged = staged_files(Path(export_config.work_root) / job_id / "staging" / "images")
+    assert len(staged) == 300, f"{len(staged)} staged images kept after the hand-back"
 
     second = await make_client(workers=1, worker_id="staying")
     final = await wait_status(second, "big", job_id, timeout=45)
@@ -583,6 +623,7 @@ async def test_a_graceful_shutdown_hands_the_job_to_another_process(
     assert resumed[0].actor == "worker:staying"
     assert isinstance(resumed[0].data, Resumed)
     assert resumed[0].data.previous_worker == "leaving"
+    assert resumed[0].data.attempt == 1  # a graceful hand-back is not a failed attempt
     assert outcomes(log)[0].actor == "worker:staying"
     assert resumed[0].data.from_stage is not None
     assert_finished_stages_not_redone(log, resumed[0])
