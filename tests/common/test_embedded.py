@@ -16,14 +16,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from services.common.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_pg_bindir
+from services.common.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-try:
-    find_pg_bindir()
-except EmbeddedPostgresError as exc:  # pragma: no cover - depends on the machine
-    pytest.skip(f"no PostgreSQL binaries: {exc}", allow_module_level=True)
 
 
 @pytest.fixture
