@@ -148,6 +148,11 @@ class EventLog:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    def committed(self) -> None:
+        """Tell readers that an append made with `conn=` has committed."""
+        if self._on_commit is not None:
+            self._on_commit()
+
     # -- writing ---------------------------------------------------------------------------
 
     async def append(

@@ -166,3 +166,15 @@ SELECT project_id, owner_id, status, last_seq FROM jobs WHERE job_id = $1 AND st
 UPDATE jobs
    SET lease_expires_at = now(), attempts = greatest(attempts - 1, 0)
  WHERE job_id = $1 AND lease_owner = $2;
+
+-- name: lease_fence
+-- Inside a worker's append transaction: hold the job's row and make sure this worker still owns
+-- its lease (extending it), so that a worker that lost the job can never write to it again.
+UPDATE jobs
+   SET lease_expires_at = greatest(lease_expires_at, now() + make_interval(secs => $3))
+ WHERE job_id = $1 AND lease_owner = $2
+RETURNING 1;
+
+-- name: job_lease
+-- Who holds a job, and its state.
+SELECT lease_owner, state FROM jobs WHERE job_id = $1;

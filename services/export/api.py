@@ -233,9 +233,11 @@ async def start_export(request: web.Request) -> web.Response:
                         reason="this Idempotency-Key was used with different export options"
                     )
                 job_id = previous["job_id"]
-                state = await eventlog.job_state(job_id)
-                assert state is not None
-                return _accepted(project_id, job_id, state.seq, state.status)
+                # On this connection: a second one from the pool could wait forever for
+                # connections held by requests like this one.
+                head = await conn.fetchrow(QUERIES["job_head"], job_id)
+                assert head is not None
+                return _accepted(project_id, job_id, head["last_seq"], head["status"])
         ahead = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'queued'")
         queued = Queued(options=options, requested_by=principal.user_id, queue_position=ahead)
         result = await eventlog.append(

@@ -8,7 +8,6 @@ notifier stops, then the pool closes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -24,7 +23,7 @@ from services.common.web import HttpMetrics, error_middleware, error_response, j
 
 from . import api, download, openapi
 from .config import ExportConfig
-from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, VERIFIER, WORKER
+from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, TASKS, VERIFIER, WORKER
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -50,6 +49,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[NOTIFIER] = notifier
         app[EVENTLOG] = eventlog
         app[WORKER] = worker
+        app[TASKS] = tasks
         registry = app[METRICS].registry
         Gauge("db_pool_connections", "Open database connections", registry=registry).set_function(
             pool.get_size
@@ -59,17 +59,29 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
         tasks.append(asyncio.create_task(worker.run(), name="worker"))
+        for task in tasks:
+            task.add_done_callback(_report_death)
         yield
     finally:
         for task in reversed(tasks):  # the worker first: it still appends while stopping
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("background task had failed", task=task.get_name())
         try:
             await asyncio.wait_for(pool.close(), 10)
         except TimeoutError:
             log.warning("database connections still busy at shutdown; terminating them")
             pool.terminate()
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    """A background task must run as long as the app: say so loudly if one stops early."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task stopped", task=task.get_name(), exc_info=task.exception())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -83,11 +95,13 @@ async def readyz(request: web.Request) -> web.Response:
         async with request.app[POOL].acquire(timeout=2) as conn:
             pending = await pending_migrations(conn)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        return error_response(
-            503, "database_unavailable", f"database unavailable: {type(exc).__name__}"
-        )
+        log.warning("not ready: database unavailable", error=repr(exc))
+        return error_response(503, "database_unavailable", "the database does not answer")
     if pending:
-        return error_response(503, "migrations_pending", f"migrations not applied: {pending}")
+        log.warning("not ready: migrations pending", versions=pending)
+        return error_response(503, "migrations_pending", "database migrations are pending")
+    if any(task.done() for task in request.app[TASKS]):
+        return error_response(503, "worker_stopped", "the export worker is not running")
     return json_response({"status": "ready"})
 
 

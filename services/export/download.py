@@ -12,6 +12,7 @@ import re
 import uuid
 from pathlib import Path
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -60,20 +61,27 @@ def _unsatisfiable(size: int) -> web.HTTPRequestRangeNotSatisfiable:
 
 
 async def _append_download_event(
-    eventlog: EventLog, job_id: uuid.UUID, data: EventData, actor: str
+    eventlog: EventLog, job_id: uuid.UUID, data: EventData, actor: str | None
 ) -> None:
-    """Download events report; they never decide anything, so a conflict is just retried."""
+    """Download events report; they never decide anything, so they are best effort: a conflict
+    is retried at the new seq, and a database hiccup never breaks the download itself.
+    `actor=None` (a reader that may not change the job, such as an auditor) writes nothing."""
+    if actor is None:
+        return
     for _ in range(5):
-        state = await eventlog.job_state(job_id)
-        if state is None:
-            return
         try:
+            state = await eventlog.job_state(job_id)
+            if state is None:
+                return
             await eventlog.append(job_id, state.seq, [NewEvent(data=data, actor=actor)])
             return
         except ConflictError:
             continue
         except JobClosedError:
             return  # the archive expired meanwhile
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("download event not recorded", job_id=str(job_id), error=repr(exc))
+            return
 
 
 async def download_export(request: web.Request) -> web.StreamResponse:
@@ -114,7 +122,9 @@ async def download_export(request: web.Request) -> web.StreamResponse:
 
     eventlog = request.app[EVENTLOG]
     notifier = request.app[NOTIFIER]
-    actor = _principal(request).actor
+    principal = _principal(request)
+    # Downloads by a read-only caller (an auditor) leave the job as it is.
+    actor = principal.actor if principal.can_write(project_id) else None
     download_id = uuid.uuid4().hex[:12]
     await _append_download_event(
         eventlog,

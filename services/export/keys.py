@@ -20,3 +20,5 @@ METRICS = web.AppKey("metrics", HttpMetrics)
 NOTIFIER = web.AppKey("notifier", Notifier)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 WORKER = web.AppKey("worker", Worker)
+TASKS = web.AppKey("tasks", list)
+"""The background tasks the app owns (notifier, worker); readiness fails if one has stopped."""

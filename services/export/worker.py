@@ -156,7 +156,10 @@ class Worker:
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("claiming work failed; retrying", error=repr(exc))
         finally:
-            for helper in [*helpers, *self._checks]:
+            # Stop listening, but keep renewing leases until the jobs have stopped: a lease that
+            # ran out now would let another process take over a job still running here.
+            listener, heartbeat = helpers
+            for helper in [listener, *self._checks]:
                 helper.cancel()
             for job in self._running.values():
                 job.shutting_down = True
@@ -170,6 +173,7 @@ class Worker:
                     task.cancel()
                 if pending:
                     await asyncio.wait(pending, timeout=5)
+            heartbeat.cancel()
             for helper in helpers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
@@ -283,7 +287,7 @@ class Worker:
         try:
             plan = await asyncio.to_thread(pipeline.plan)
         except PipelineError as exc:
-            await asyncio.to_thread(pipeline.cleanup)
+            await self._clean(pipeline)
             await self._failed(job, exc)
             return
         total_items = sum(items for _, items in plan)
@@ -331,19 +335,16 @@ class Worker:
             if job.shutting_down:
                 bound.info("export handed back for another process to resume")
                 return
-            await asyncio.to_thread(pipeline.cleanup)
-            await self._cancelled(job)
+            await self._cancelled(job, cleanup_completed=await self._clean(pipeline))
             return
         except PipelineError as exc:
-            await asyncio.to_thread(pipeline.cleanup)
+            await self._clean(pipeline)
             await self._failed(job, exc)
             return
 
         final = tracker.flush(asyncio.get_running_loop().time())
         archive_dir = self.archive_root / str(job.job_id)
-        archive_dir.mkdir(parents=True, exist_ok=True)
         archive_path = archive_dir / result.file_name
-        await asyncio.to_thread(shutil.move, result.path, archive_path)
         completed = Completed(
             archive=ArchiveInfo(
                 file_name=result.file_name, size_bytes=result.size_bytes, sha256=result.sha256
@@ -351,18 +352,37 @@ class Worker:
             processing_time_ms=int((time.monotonic() - started) * 1000),
             message=message("export.completed", file=result.file_name, bytes=result.size_bytes),
         )
+
+        async def publish() -> None:
+            # Inside the fenced transaction: only the lease holder puts its archive in place,
+            # and it is there before `completed` becomes visible.
+            if not archive_path.exists():
+                archive_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(shutil.move, result.path, archive_path)
+
         if self.before_outcome is not None:
             await self.before_outcome(job.job_id)
+        events: list[EventData] = [*([final] if final else []), completed]
         try:
-            await self._finish(job, completed, before=[final] if final else [])
+            await self._append(job, *events, prepare=publish)
         except (JobClosedError, _CancelWon):
             # The cancel committed first: it wins, and no archive may remain.
-            shutil.rmtree(archive_dir, ignore_errors=True)
-            await asyncio.to_thread(pipeline.cleanup)
+            if job.state.status != "completed":
+                await asyncio.to_thread(shutil.rmtree, archive_dir, True)
+            await self._clean(pipeline)
             await self._cancelled(job)
             return
-        await asyncio.to_thread(pipeline.cleanup)
+        await self._clean(pipeline)
         bound.info("export completed", bytes=result.size_bytes, seq=job.seq)
+
+    async def _clean(self, pipeline: ExportPipeline) -> bool:
+        """Remove the job's scratch files and partial archive; False if some could not be."""
+        try:
+            await asyncio.to_thread(pipeline.cleanup)
+        except OSError as exc:
+            log.warning("export clean-up incomplete", error=repr(exc))
+            return False
+        return True
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -412,43 +432,65 @@ class Worker:
                 # Progress is informative; a lost report is replaced by the next one.
                 log.warning("progress append failed", job_id=str(job.job_id), error=repr(exc))
 
-    async def _append(self, job: RunningJob, data: EventData, *more: EventData) -> None:
-        """Append to the job at the seq we know; on conflict re-read and decide.
+    async def _append(
+        self,
+        job: RunningJob,
+        *data: EventData,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        outcome_of_cancel: bool = False,
+    ) -> None:
+        """Append to the job at the seq we know, fenced by our lease; on conflict re-read.
 
-        Raises _CancelWon when a cancel (or another outcome) got in first, LeaseLost when
-        another worker has taken over.
+        Each append runs in a transaction that first checks (and extends) this worker's lease on
+        the job, so a worker that lost the job can never write to it again. `prepare` runs inside
+        that transaction, before the append (putting the archive in place for `completed`).
+        Raises _CancelWon when a cancel or another outcome got in first (unless this append is
+        the cancel's own outcome), LeaseLost when another worker holds the job.
         """
-        events = [NewEvent(data=d, actor=f"worker:{self.worker_id}") for d in (data, *more)]
-        for _ in range(3):
+        events = [NewEvent(data=d, actor=f"worker:{self.worker_id}") for d in data]
+        for _ in range(5):
             try:
-                result = await self._log.append(job.job_id, job.seq, events)
+                async with self._pool.acquire() as conn, conn.transaction():
+                    fenced = await conn.fetchval(
+                        QUERIES["lease_fence"],
+                        job.job_id,
+                        self.worker_id,
+                        self._config.lease_seconds,
+                    )
+                    if fenced is None:
+                        job.lease_lost = True
+                        job.stop()
+                        raise LeaseLost
+                    if prepare is not None:
+                        await prepare()
+                    result = await self._log.append(job.job_id, job.seq, events, conn=conn)
             except ConflictError:
-                await self._refresh(job)
+                await self._refresh(job, outcome_of_cancel=outcome_of_cancel)
                 continue
+            self._log.committed()
             job.seq = result.last_seq
             if result.state is not None:
                 job.state = result.state
             return
         raise ConflictError(job.job_id, job.seq, job.seq)
 
-    async def _refresh(self, job: RunningJob) -> None:
-        state = await self._log.job_state(job.job_id)
-        if state is None:
+    async def _refresh(self, job: RunningJob, *, outcome_of_cancel: bool = False) -> None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["job_lease"], job.job_id)
+        if row is None or row["lease_owner"] != self.worker_id:
+            job.lease_lost = True
+            job.stop()
             raise LeaseLost
+        state = _state_decoder.decode(row["state"])
         job.state, job.seq = state, state.seq
-        if state.is_terminal or state.status == "cancelling":
+        if state.is_terminal or (state.status == "cancelling" and not outcome_of_cancel):
             job.stop()
             raise _CancelWon
-        if job.lease_lost:
-            raise LeaseLost
 
-    async def _finish(
-        self, job: RunningJob, outcome: EventData, *, before: list[Progress] | None = None
-    ) -> None:
-        events: list[EventData] = [*(before or []), outcome]
-        await self._append(job, *events)
+    async def _finish(self, job: RunningJob, outcome: EventData) -> None:
+        await self._append(job, outcome)
 
-    async def _cancelled(self, job: RunningJob) -> None:
+    async def _cancelled(self, job: RunningJob, *, cleanup_completed: bool = True) -> None:
         # Read the job as the log has it now: the cancel request (and who made it) arrived
         # after our last append.
         fresh = await self._log.job_state(job.job_id)
@@ -461,22 +503,11 @@ class Worker:
         outcome = Cancelled(
             cancelled_by=by,
             progress=state.progress,
-            cleanup_completed=True,
+            cleanup_completed=cleanup_completed,
             message=message("export.cancelled", progress=round(state.progress)),
         )
-        for _ in range(3):
-            try:
-                await self._log.append(
-                    job.job_id, job.seq, [NewEvent(data=outcome, actor=f"worker:{self.worker_id}")]
-                )
-                return
-            except ConflictError:
-                state = await self._log.job_state(job.job_id) or state
-                job.state, job.seq = state, state.seq
-                if state.is_terminal:
-                    return
-            except JobClosedError:
-                return
+        with contextlib.suppress(_CancelWon, JobClosedError):
+            await self._append(job, outcome, outcome_of_cancel=True)
 
     async def _failed(self, job: RunningJob, error: PipelineError) -> None:
         outcome = Failed(

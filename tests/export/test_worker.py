@@ -20,16 +20,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
 from schemas.events import Event, Progress, Queued, Resumed, Started, decode_event
 from schemas.state import JobState, replay
-from services.common.eventlog import AppendRequest, AppendResult, NewEvent
+from services.common.eventlog import AppendRequest, AppendResult, EventLog, NewEvent
 from services.export.config import ExportConfig
 from services.export.demo import create_demo_project
 from services.export.keys import EVENTLOG, POOL, WORKER
 from services.export.pipeline import STAGES
+from services.export.worker import LeaseLost, RunningJob, Worker
 from tests.export.conftest import SECRET, Client, ClientFactory, auth
 from tests.support import wait_for
 
@@ -219,7 +221,10 @@ async def test_a_cancel_committed_while_completion_is_held_wins(
         job_id = await start(client, "demo")
         await asyncio.wait_for(ready.wait(), 30)
         # The archive is written and about to be announced ...
-        assert any((archive_root / job_id).iterdir())
+        # The archive is built and waits in the job's scratch folder; it is published only
+        # together with `completed`.
+        work_root = Path(export_config.work_root)
+        assert any(p.suffix == ".zip" for p in (work_root / job_id).iterdir())
         # ... when the user's cancel commits.
         code, body = await cancel(client, "demo", job_id)
         assert code == 202, body
@@ -692,3 +697,33 @@ async def test_failing_exports_are_reported_and_the_service_keeps_serving(
     job_id, state, _log = await run("good")
     assert state["status"] == "completed", state
     assert_archive_matches(archive_root, job_id, state)
+
+
+async def test_a_worker_that_lost_its_lease_can_write_nothing(
+    export_config: ExportConfig, pool: asyncpg.Pool
+) -> None:
+    """The fence: once another worker holds the job, the old one's appends are refused."""
+    eventlog = EventLog(pool)
+    job_id = uuid.uuid4()
+    await eventlog.append(
+        job_id,
+        0,
+        [NewEvent(data=Queued(requested_by="alice"), actor="user:alice")],
+        project_id="demo",
+        owner_id="alice",
+    )
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE jobs SET lease_owner = 'new-owner',"
+            " lease_expires_at = now() + interval '1 hour' WHERE job_id = $1",
+            job_id,
+        )
+    state = await eventlog.job_state(job_id)
+    assert state is not None
+    old = Worker(pool, eventlog, export_config, worker_id="old-owner")
+    job = RunningJob(job_id=job_id, project_id="demo", state=state, seq=1, attempt=1)
+    with pytest.raises(LeaseLost):
+        await old._append(job, Started(worker_id="old-owner"))
+    assert job.lease_lost
+    assert job.cancel.is_set()
+    assert [e.type for e in await eventlog.read_stream(job_id)] == ["export:queued"]
