@@ -234,6 +234,9 @@ class Worker:
                         progress=job.state.progress,
                     ),
                 )
+            if job.state.status != "completed" and not job.lease_lost:
+                # An archive published by a transaction that then failed must not linger.
+                await asyncio.to_thread(shutil.rmtree, self.archive_root / str(job.job_id), True)
         finally:
             self._running.pop(job.job_id, None)
             if not job.shutting_down and not job.lease_lost:
