@@ -320,7 +320,7 @@ def test_missing_project_and_unknown_format(project: Path, tmp_path: Path) -> No
 
 
 def _no_space(*args: object, **kwargs: object) -> None:
-    raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/work/file")
+    raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/scratch/file")
 
 
 def test_disk_full_while_copying_images(

@@ -85,7 +85,7 @@ async def test_an_after_commit_notify_wakes_the_tailer(
         job_id = await new_job(log)
         result = await log.append(job_id, 2, [progress(1)])
         await wait_for(lambda: gateway.tailer.position == result.last_position)
-        assert 1 <= notifier.sent <= 3
+        assert notifier.sent in (1, 2, 3)
 
         # Pokes that arrive together share one NOTIFY.
         sent = notifier.sent
