@@ -18,7 +18,10 @@ from .server import Gateway
 
 
 async def serve(config: GatewayConfig) -> None:
-    gateway = Gateway(config)
+    try:
+        gateway = Gateway(config)
+    except ValueError as exc:
+        sys.exit(f"exportlog-gateway: {exc}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,20 @@ class GatewayConfig:
         default=1.0, metadata={"help": "seconds between reads of the log when no NOTIFY arrives"}
     )
     tail_batch: int = field(default=1000, metadata={"help": "events per tailing query"})
+    jwt_secret: str = field(
+        default="", metadata={"fallback": "JWT_SECRET", "help": "HS256 secret for bearer tokens"}
+    )
+    jwt_public_key: str = field(
+        default="",
+        metadata={"fallback": "JWT_PUBLIC_KEY", "help": "PEM public key (RS256/ES256) instead"},
+    )
+    max_queue: int = field(
+        default=1000, metadata={"help": "messages queued for one client before it must resume"}
+    )
+    page_size: int = field(default=500, metadata={"help": "events per replay read"})
+    auth_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a new connection has to authenticate"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

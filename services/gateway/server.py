@@ -1,7 +1,9 @@
 """The gateway process: a websockets server whose HTTP side answers health, readiness and metrics.
 
-The subscription protocol (status-sync replay, live fan-out) is built on the process's one
-`Tailer`; until it lands, WebSocket upgrades are refused with 503 and a reason.
+A client authenticates (first message `{"type": "auth", "token": …}`), then subscribes to jobs
+with the last seq it saw; each subscription gets a status-sync, the events it missed, a caught-up
+marker and then live events. The process's one `Tailer` reads each new event once; the event is
+encoded once and the same bytes go to every subscriber of its job.
 """
 
 from __future__ import annotations
@@ -10,19 +12,32 @@ import asyncio
 import contextlib
 import http
 import json
+import uuid
 from collections.abc import Iterable
 
 import asyncpg
+import msgspec
 import structlog
+import websockets
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from schemas.events import Event
+from schemas.events import Event, encode_event
+from schemas.wire import (
+    Authenticate,
+    Authenticated,
+    Subscribe,
+    Unsubscribe,
+    client_decoder,
+    server_encoder,
+)
+from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
 
+from .clients import CLOSE_AUTH_FAILED, CLOSE_RESTART, CLOSE_RESUME, Client
 from .config import GatewayConfig
 from .tailer import Tailer
 
@@ -52,6 +67,11 @@ class Gateway:
         self._tailer: Tailer | None = None
         self._tail_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._eventlog: EventLog | None = None
+        self._subscribers: dict[uuid.UUID, set[Client]] = {}
+        self._verifier = TokenVerifier(
+            secret=config.jwt_secret or None, public_key=config.jwt_public_key or None
+        )
 
     @property
     def port(self) -> int:
@@ -68,8 +88,9 @@ class Gateway:
         self._pool = await create_pool(
             self.config.database_url, min_size=1, max_size=self.config.pool_max
         )
+        self._eventlog = EventLog(self._pool)
         self._tailer = Tailer(
-            EventLog(self._pool),
+            self._eventlog,
             self.config.database_url,
             self._on_events,
             batch_size=self.config.tail_batch,
@@ -91,7 +112,10 @@ class Gateway:
             return
         self._closing = True
         if self._server is not None:
-            self._server.close()
+            # Clients are told to reconnect (to another replica) and resume: nothing is lost.
+            self._server.close(close_connections=False)
+            for connection in list(self._server.connections):
+                await connection.close(CLOSE_RESTART, "gateway restarting: resume")
             await self._server.wait_closed()
         if self._tail_task is not None:
             self._tail_task.cancel()
@@ -101,8 +125,18 @@ class Gateway:
             await self._pool.close()
 
     def _on_events(self, events: list[Event]) -> None:
+        """Fan a page of new events out: each encoded once, the same bytes for every client."""
         self._events_read.inc(len(events))
         self._position.set(events[-1].position)
+        for event in events:
+            clients = self._subscribers.get(event.job_id)
+            if not clients:
+                continue
+            encoded = {event.seq: encode_event(event)}
+            for client in list(clients):
+                subscription = client.subscriptions.get(event.job_id)
+                if subscription is not None:
+                    client.dispatch(event.job_id, subscription.on_live(event), encoded)
 
     async def _process_request(
         self, connection: ServerConnection, request: Request
@@ -112,6 +146,8 @@ class Gateway:
             return _json(http.HTTPStatus.OK, {"status": "ok"})
         if path == "/readyz":
             return await self._readiness()
+        if path == "/ws":
+            return None  # the WebSocket handshake goes on
         if path == "/metrics":
             body = generate_latest(self.registry)
             headers = Headers(
@@ -122,8 +158,8 @@ class Gateway:
             )
             return Response(200, "OK", headers, body)
         return _json(
-            http.HTTPStatus.SERVICE_UNAVAILABLE,
-            {"error": {"code": "unavailable", "message": "subscriptions are not served yet"}},
+            http.HTTPStatus.NOT_FOUND,
+            {"error": {"code": "not_found", "message": "WebSocket clients connect to /ws"}},
         )
 
     async def _readiness(self) -> Response:
@@ -149,5 +185,91 @@ class Gateway:
         return _json(http.HTTPStatus.OK, {"status": "ready", "position": self._tailer.position})
 
     async def _handle(self, connection: ServerConnection) -> None:
-        # Unreachable until the protocol lands: every upgrade is answered in _process_request.
-        await connection.close(1013, "try again later")
+        principal = await self._authenticate(connection)
+        if principal is None:
+            return
+        assert self._eventlog is not None
+        client = Client(
+            connection,
+            principal,
+            self._eventlog,
+            max_queue=self.config.max_queue,
+            page_size=self.config.page_size,
+            unregister=self._unregister,
+        )
+        client.send(server_encoder.encode(Authenticated(user=principal.user_id)))
+        tasks = [
+            asyncio.create_task(client.write(), name="client-write"),
+            asyncio.create_task(client.read(), name="client-read"),
+            asyncio.create_task(self._receive(client), name="client-receive"),
+            asyncio.create_task(client.overflow.wait(), name="client-overflow"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if client.overflow.is_set():
+                await connection.close(CLOSE_RESUME, "too slow: resume from your last seq")
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if not isinstance(exc, websockets.ConnectionClosed):
+                        log.error("client connection failed", exc_info=exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for job_id in list(client.subscriptions):
+                self._unregister(job_id, client)
+
+    async def _authenticate(self, connection: ServerConnection) -> Principal | None:
+        try:
+            raw = await asyncio.wait_for(connection.recv(), self.config.auth_timeout)
+            message = client_decoder.decode(raw)
+        except TimeoutError:
+            await connection.close(CLOSE_AUTH_FAILED, "authenticate first")
+            return None
+        except msgspec.DecodeError as exc:
+            await connection.close(CLOSE_AUTH_FAILED, f"invalid message: {exc}"[:120])
+            return None
+        except websockets.ConnectionClosed:
+            return None
+        if not isinstance(message, Authenticate):
+            await connection.close(CLOSE_AUTH_FAILED, "the first message must be auth")
+            return None
+        try:
+            return self._verifier.verify(message.token)
+        except AuthError as exc:
+            await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
+            return None
+
+    async def _receive(self, client: Client) -> None:
+        """Messages from the client; a bad one gets an error message and the connection stays."""
+        async for raw in client.connection:
+            try:
+                message = client_decoder.decode(raw)
+            except msgspec.DecodeError as exc:
+                client.error("invalid_message", str(exc))
+                continue
+            match message:
+                case Subscribe(job_id=job_id, after_seq=after_seq):
+                    if after_seq is not None and after_seq < 0:
+                        client.error("invalid_message", "afterSeq cannot be negative")
+                        continue
+                    subscription = client.subscribe(job_id, after_seq)
+                    if subscription is None:
+                        continue
+                    # Registered before it starts: every event is then in a replay page or
+                    # arrives live (see Subscription).
+                    self._subscribers.setdefault(job_id, set()).add(client)
+                    client.dispatch(job_id, subscription.start())
+                case Unsubscribe(job_id=job_id):
+                    client.subscriptions.pop(job_id, None)
+                    self._unregister(job_id, client)
+                case Authenticate():
+                    client.error("invalid_message", "already authenticated")
+
+    def _unregister(self, job_id: uuid.UUID, client: Client) -> None:
+        clients = self._subscribers.get(job_id)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._subscribers[job_id]

@@ -21,7 +21,9 @@ from tests.support import new_job, progress, wait_for
 @pytest.fixture
 async def gateway(database_url: str) -> AsyncIterator[Gateway]:
     # A poll interval far longer than any test: only a NOTIFY can wake the tailer in time.
-    gateway = Gateway(GatewayConfig(database_url=database_url, port=0, poll_interval=300))
+    gateway = Gateway(
+        GatewayConfig(database_url=database_url, port=0, poll_interval=300, jwt_secret="x" * 32)
+    )
     await gateway.start()
     try:
         yield gateway
@@ -60,15 +62,18 @@ async def test_a_notify_wakes_the_tailer_and_one_read_covers_many_events(
     assert gateway.tailer.events_read >= 52
 
 
-async def test_websocket_upgrades_are_refused_with_a_reason(gateway: Gateway) -> None:
+async def test_websocket_upgrades_elsewhere_than_ws_are_refused_with_a_reason(
+    gateway: Gateway,
+) -> None:
     with pytest.raises(websockets.InvalidStatus) as info:
-        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws"):
+        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/elsewhere"):
             pass
-    assert info.value.response.status_code == 503
+    assert info.value.response.status_code == 404
+    assert b"/ws" in info.value.response.body
 
 
 async def test_close_is_safe_twice(database_url: str) -> None:
-    gateway = Gateway(GatewayConfig(database_url=database_url, port=0))
+    gateway = Gateway(GatewayConfig(database_url=database_url, port=0, jwt_secret="x" * 32))
     await gateway.start()
     await gateway.close()
     await gateway.close()

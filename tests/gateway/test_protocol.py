@@ -1,0 +1,198 @@
+"""The gateway's WebSocket protocol over real sockets: authenticate, status-sync, replay, live."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from schemas.state import replay
+from services.common.auth import issue_token
+from services.common.eventlog import EventLog
+from services.gateway.clients import CLOSE_AUTH_FAILED, CLOSE_RESUME
+from services.gateway.config import GatewayConfig
+from services.gateway.server import Gateway
+from tests.support import cancelled, new_job, progress, wait_for
+
+SECRET = "gateway-test-secret-long-enough-for-hs256"
+
+
+def token(user: str = "alice", projects: tuple[str, ...] = ("p1",)) -> str:
+    return issue_token(SECRET, user, projects=projects)
+
+
+@pytest.fixture
+async def gateway(database_url: str) -> AsyncIterator[Gateway]:
+    config = GatewayConfig(
+        database_url=database_url, port=0, jwt_secret=SECRET, poll_interval=0.5, max_queue=1000
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    await wait_for(lambda: gateway.tailer.listening and gateway.tailer.reads >= 1)
+    try:
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+async def connect(
+    gateway: Gateway, user: str = "alice", projects: tuple[str, ...] = ("p1",)
+) -> ClientConnection:
+    ws = await websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws")
+    await ws.send(json.dumps({"type": "auth", "token": token(user, projects)}))
+    assert json.loads(await ws.recv())["type"] == "authenticated"
+    return ws
+
+
+async def receive_until(
+    ws: ClientConnection, done: Any, timeout: float = 10
+) -> list[dict[str, Any]]:
+    """Messages until `done(message)` holds for one (included)."""
+    import asyncio
+
+    messages: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            message = json.loads(await ws.recv())
+            messages.append(message)
+            if done(message):
+                return messages
+
+
+async def drain(ws: ClientConnection, seen: list[int]) -> websockets.ConnectionClosed:
+    """Read event seqs into `seen` until the server closes; the close."""
+    while True:
+        try:
+            message = json.loads(await ws.recv())
+        except websockets.ConnectionClosed as closed:
+            return closed
+        if "eventId" in message:
+            seen.append(message["seq"])
+
+
+async def test_status_sync_replays_then_goes_live(gateway: Gateway, eventlog: EventLog) -> None:
+    job_id = await new_job(eventlog)
+    await eventlog.append(job_id, 2, [progress(10), progress(20)])
+    async with await connect(gateway) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 1}))
+        first = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+        assert first[0]["type"] == "export:status-sync"
+        assert first[0]["seq"] == 4
+        assert [m["seq"] for m in first[1:-1]] == [2, 3, 4]
+        assert first[-1]["seq"] == 4
+        await eventlog.append(job_id, 4, [progress(30), cancelled()])
+        live = await receive_until(ws, lambda m: m["type"] == "export:end-of-stream")
+        assert [m["seq"] for m in live[:-1]] == [5, 6]
+        assert live[-1]["seq"] == 6
+    state = replay(await eventlog.read_stream(job_id))
+    assert state is not None
+    assert state.status == "cancelled"
+
+
+async def test_a_reconnecting_client_misses_nothing(gateway: Gateway, eventlog: EventLog) -> None:
+    job_id = await new_job(eventlog)
+    seen: list[int] = []
+    async with await connect(gateway) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 0}))
+        messages = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+        seen += [m["seq"] for m in messages if m["type"].startswith("export:") and "eventId" in m]
+    # Offline while the job moves on.
+    await eventlog.append(job_id, 2, [progress(i) for i in range(1, 6)])
+    async with await connect(gateway) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": seen[-1]}))
+        messages = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+        sync = messages[0]
+        assert sync["type"] == "export:status-sync"
+        assert sync["state"]["progress"] == 5.0
+        seen += [m["seq"] for m in messages if "eventId" in m]
+        await eventlog.append(job_id, 7, [progress(50)])
+        messages = await receive_until(ws, lambda m: m.get("seq") == 8)
+        seen += [m["seq"] for m in messages if "eventId" in m]
+    assert seen == list(range(1, 9))
+
+
+async def test_a_user_never_receives_a_job_they_may_not_see(
+    gateway: Gateway, eventlog: EventLog
+) -> None:
+    job_id = await new_job(eventlog, project="p1")
+    async with await connect(gateway, "mallory", ("other",)) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 0}))
+        (error,) = await receive_until(ws, lambda m: True)
+        assert error == {
+            "type": "error",
+            "code": "not_found",
+            "message": f"no export {job_id} you may follow",
+        }
+        await eventlog.append(job_id, 2, [progress(1)])
+        # The same answer for a job that does not exist: nothing is revealed.
+        ghost = uuid.uuid4()
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(ghost)}))
+        (again,) = await receive_until(ws, lambda m: True)
+        assert again["code"] == "not_found"
+
+
+async def test_bad_messages_get_an_error_and_the_connection_stays(gateway: Gateway) -> None:
+    async with await connect(gateway) as ws:
+        for bad in ("not json", '{"type": "dance"}', '{"type": "subscribe", "jobId": "x"}'):
+            await ws.send(bad)
+            (error,) = await receive_until(ws, lambda m: True)
+            assert error["type"] == "error"
+            assert error["code"] == "invalid_message"
+            assert error["message"]
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(uuid.uuid4()), "afterSeq": -1}))
+        (error,) = await receive_until(ws, lambda m: True)
+        assert "negative" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        '{"type": "subscribe", "jobId": "00000000-0000-0000-0000-000000000000"}',
+        "{",
+        '{"type": "auth", "token": "nope"}',
+    ],
+)
+async def test_a_connection_must_authenticate_first(gateway: Gateway, first: str) -> None:
+    async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+        await ws.send(first)
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == CLOSE_AUTH_FAILED
+
+
+async def test_a_client_that_falls_behind_is_told_to_resume_and_loses_nothing(
+    database_url: str, eventlog: EventLog
+) -> None:
+    config = GatewayConfig(
+        database_url=database_url, port=0, jwt_secret=SECRET, poll_interval=0.5, max_queue=3
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        await wait_for(lambda: gateway.tailer.listening and gateway.tailer.reads >= 1)
+        job_id = await new_job(eventlog)
+        seen: list[int] = []
+        async with await connect(gateway) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 0}))
+            messages = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+            seen += [m["seq"] for m in messages if "eventId" in m]
+            # A burst far larger than the client's queue arrives in one tail read.
+            await eventlog.append(job_id, 2, [progress(i / 10) for i in range(50)])
+            closed = await drain(ws, seen)
+            assert closed.rcvd is not None
+            assert closed.rcvd.code == CLOSE_RESUME
+        async with await connect(gateway) as ws:
+            await ws.send(
+                json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": seen[-1]})
+            )
+            messages = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+            seen += [m["seq"] for m in messages if "eventId" in m]
+        assert seen == list(range(1, 53))
+    finally:
+        await gateway.close()
