@@ -39,6 +39,12 @@ CLOSE_RESUME = 4008
 """The client fell behind: reconnect and subscribe with the last seq seen; nothing is lost."""
 CLOSE_RESTART = 1012
 """The gateway is restarting: reconnect (to another replica) and resume."""
+CLOSE_TOKEN_EXPIRED = 4003
+"""The token has expired: get a fresh one, reconnect and resume from the last seq."""
+CLOSE_LIMIT = 4029
+"""The client sent messages too fast or followed too many jobs (see the limits in the README)."""
+SUBPROTOCOL = "exportlog.v1"
+"""Offer it (with `bearer.<token>` beside it, for browsers that cannot set headers)."""
 
 
 class Client:

@@ -31,6 +31,19 @@ class GatewayConfig:
     auth_timeout: float = field(
         default=10.0, metadata={"help": "seconds a new connection has to authenticate"}
     )
+    max_subscriptions: int = field(
+        default=100, metadata={"help": "jobs one connection may follow at once"}
+    )
+    max_message_bytes: int = field(
+        default=4096, metadata={"help": "largest message a client may send (close 1009 beyond)"}
+    )
+    message_rate: float = field(
+        default=20.0, metadata={"help": "messages per second a client may send, on average"}
+    )
+    message_burst: int = field(default=40, metadata={"help": "messages a client may send at once"})
+    ping_interval: float = field(
+        default=10.0, metadata={"help": "seconds between pings; a client silent for two is dropped"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

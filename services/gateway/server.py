@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import http
 import json
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 import msgspec
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from schemas.events import Event, encode_event
 from schemas.wire import (
@@ -37,11 +39,39 @@ from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
 
-from .clients import CLOSE_AUTH_FAILED, CLOSE_RESTART, CLOSE_RESUME, Client
+from .clients import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_LIMIT,
+    CLOSE_RESTART,
+    CLOSE_RESUME,
+    CLOSE_TOKEN_EXPIRED,
+    SUBPROTOCOL,
+    Client,
+)
 from .config import GatewayConfig
 from .tailer import Tailer
 
 log = structlog.get_logger(__name__)
+
+
+def _select_subprotocol(
+    connection: ServerConnection, subprotocols: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
+
+
+def _offered_token(connection: ServerConnection) -> str | None:
+    """A token offered as `bearer.<token>` in Sec-WebSocket-Protocol (browsers cannot send an
+    Authorization header on a WebSocket)."""
+    request = connection.request
+    if request is None:
+        return None
+    for header in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for value in header.split(","):
+            value = value.strip()
+            if value.startswith("bearer."):
+                return value.removeprefix("bearer.")
+    return None
 
 
 def _json(status: http.HTTPStatus, body: object) -> Response:
@@ -102,7 +132,14 @@ class Gateway:
             self.config.host,
             self.config.port,
             process_request=self._process_request,
+            # Progress events are a few hundred bytes: compressing them would triple the memory
+            # of a connection and halve the fan-out rate (LIMITS.md), for little gain.
             compression=None,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            select_subprotocol=_select_subprotocol,
+            max_size=self.config.max_message_bytes,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_interval,
         )
         log.info("gateway listening", host=self.config.host, port=self.port)
 
@@ -198,16 +235,24 @@ class Gateway:
             unregister=self._unregister,
         )
         client.send(server_encoder.encode(Authenticated(user=principal.user_id)))
+        expiry = asyncio.create_task(
+            asyncio.sleep(max(principal.expires_at - time.time(), 0.0)), name="client-expiry"
+        )
         tasks = [
             asyncio.create_task(client.write(), name="client-write"),
             asyncio.create_task(client.read(), name="client-read"),
             asyncio.create_task(self._receive(client), name="client-receive"),
             asyncio.create_task(client.overflow.wait(), name="client-overflow"),
+            expiry,
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if client.overflow.is_set():
                 await connection.close(CLOSE_RESUME, "too slow: resume from your last seq")
+            elif expiry in done:
+                await connection.close(
+                    CLOSE_TOKEN_EXPIRED, "token expired: get a fresh one and resume"
+                )
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     exc = task.exception()
@@ -221,6 +266,13 @@ class Gateway:
                 self._unregister(job_id, client)
 
     async def _authenticate(self, connection: ServerConnection) -> Principal | None:
+        offered = _offered_token(connection)
+        if offered is not None:
+            try:
+                return self._verifier.verify(offered)
+            except AuthError as exc:
+                await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
+                return None
         try:
             raw = await asyncio.wait_for(connection.recv(), self.config.auth_timeout)
             message = client_decoder.decode(raw)
@@ -242,8 +294,22 @@ class Gateway:
             return None
 
     async def _receive(self, client: Client) -> None:
-        """Messages from the client; a bad one gets an error message and the connection stays."""
+        """Messages from the client; a bad one gets an error message and the connection stays.
+
+        A client over the message rate or the subscription limit is closed with CLOSE_LIMIT."""
+        allowance = float(self.config.message_burst)
+        last = time.monotonic()
         async for raw in client.connection:
+            now = time.monotonic()
+            allowance = min(
+                allowance + (now - last) * self.config.message_rate,
+                float(self.config.message_burst),
+            )
+            last = now
+            if allowance < 1.0:
+                await client.connection.close(CLOSE_LIMIT, "too many messages")
+                return
+            allowance -= 1.0
             try:
                 message = client_decoder.decode(raw)
             except msgspec.DecodeError as exc:
@@ -254,6 +320,12 @@ class Gateway:
                     if after_seq is not None and after_seq < 0:
                         client.error("invalid_message", "afterSeq cannot be negative")
                         continue
+                    if len(client.subscriptions) >= self.config.max_subscriptions:
+                        await client.connection.close(
+                            CLOSE_LIMIT,
+                            f"at most {self.config.max_subscriptions} subscriptions",
+                        )
+                        return
                     subscription = client.subscribe(job_id, after_seq)
                     if subscription is None:
                         continue

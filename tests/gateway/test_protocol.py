@@ -10,11 +10,18 @@ from typing import Any
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.typing import Subprotocol
 
 from schemas.state import replay
 from services.common.auth import issue_token
 from services.common.eventlog import EventLog
-from services.gateway.clients import CLOSE_AUTH_FAILED, CLOSE_RESUME
+from services.gateway.clients import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_LIMIT,
+    CLOSE_RESUME,
+    CLOSE_TOKEN_EXPIRED,
+    SUBPROTOCOL,
+)
 from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
 from tests.support import cancelled, new_job, progress, wait_for
@@ -196,3 +203,65 @@ async def test_a_client_that_falls_behind_is_told_to_resume_and_loses_nothing(
         assert seen == list(range(1, 53))
     finally:
         await gateway.close()
+
+
+async def test_a_browser_can_authenticate_with_the_subprotocol_header(
+    gateway: Gateway, eventlog: EventLog
+) -> None:
+    job_id = await new_job(eventlog)
+    async with websockets.connect(
+        f"ws://127.0.0.1:{gateway.port}/ws",
+        subprotocols=[Subprotocol(SUBPROTOCOL), Subprotocol(f"bearer.{token()}")],
+    ) as ws:
+        assert ws.subprotocol == SUBPROTOCOL
+        assert json.loads(await ws.recv())["type"] == "authenticated"
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 0}))
+        messages = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+        assert [m["seq"] for m in messages if "eventId" in m] == [1, 2]
+
+
+async def test_an_expiring_token_closes_with_a_code_that_says_refresh(gateway: Gateway) -> None:
+    short = issue_token(SECRET, "alice", projects=["p1"], ttl=1)
+    async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+        await ws.send(json.dumps({"type": "auth", "token": short}))
+        seen: list[int] = []
+        closed = await drain(ws, seen)
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == CLOSE_TOKEN_EXPIRED
+
+
+async def test_a_flooding_client_is_closed_with_the_limit_code(gateway: Gateway) -> None:
+    async with await connect(gateway) as ws:
+        for _ in range(200):
+            try:
+                await ws.send(json.dumps({"type": "unsubscribe", "jobId": str(uuid.uuid4())}))
+            except websockets.ConnectionClosed:
+                break
+        closed = await drain(ws, [])
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == CLOSE_LIMIT
+
+
+async def test_too_many_subscriptions_close_with_the_limit_code(database_url: str) -> None:
+    config = GatewayConfig(
+        database_url=database_url, port=0, jwt_secret=SECRET, max_subscriptions=3
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        async with await connect(gateway) as ws:
+            for _ in range(4):
+                await ws.send(json.dumps({"type": "subscribe", "jobId": str(uuid.uuid4())}))
+            closed = await drain(ws, [])
+        assert closed.rcvd is not None
+        assert closed.rcvd.code == CLOSE_LIMIT
+    finally:
+        await gateway.close()
+
+
+async def test_an_oversized_message_closes_with_1009(gateway: Gateway) -> None:
+    async with await connect(gateway) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": "x" * 10_000}))
+        closed = await drain(ws, [])
+    assert closed.rcvd is not None
+    assert closed.rcvd.code == 1009
