@@ -36,7 +36,13 @@ class Unsubscribe(_ClientMessage, frozen=True, tag="unsubscribe"):
     job_id: UUID
 
 
-ClientMessage: TypeAlias = Authenticate | Subscribe | Unsubscribe
+class CancelExport(_ClientMessage, frozen=True, tag="export:cancel"):
+    """Ask for a cancel; the gateway forwards it to the export service as this user."""
+
+    job_id: UUID
+
+
+ClientMessage: TypeAlias = Authenticate | Subscribe | Unsubscribe | CancelExport
 
 
 class _ServerMessage(msgspec.Struct, frozen=True, kw_only=True, rename="camel", tag_field="type"):
@@ -65,6 +71,17 @@ class EndOfStream(_ServerMessage, frozen=True, tag="export:end-of-stream"):
     seq: int
 
 
+class CancelAck(_ServerMessage, frozen=True, omit_defaults=True, tag="export:cancel-ack"):
+    """The export service's answer to a cancel: accepted (with the seq of cancel-requested), or
+    refused because the job has already ended (with its outcome). The cancelled event itself
+    arrives through the subscription, like every other event."""
+
+    job_id: UUID
+    accepted: bool
+    seq: int | None = None
+    outcome: str | None = None
+
+
 class Authenticated(_ServerMessage, frozen=True, tag="authenticated"):
     user: str
 
@@ -76,7 +93,7 @@ class Error(_ServerMessage, frozen=True, tag="error"):
     message: str
 
 
-ServerMessage: TypeAlias = StatusSync | CaughtUp | EndOfStream | Authenticated | Error
+ServerMessage: TypeAlias = StatusSync | CaughtUp | EndOfStream | CancelAck | Authenticated | Error
 
 client_decoder = msgspec.json.Decoder(ClientMessage)
 server_encoder = msgspec.json.Encoder()

@@ -116,6 +116,7 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
             EXPORT_ARCHIVE_ROOT=str(data / "archives"),
             GATEWAY_HOST=config.host,
             GATEWAY_PORT=str(config.gateway_port),
+            GATEWAY_EXPORT_URL=f"http://{config.host}:{config.export_port}",
         )
         env.setdefault("JWT_SECRET", secret)
         token = issue_token(

@@ -54,6 +54,7 @@ class Client:
         self,
         connection: ServerConnection,
         principal: Principal,
+        token: str,
         eventlog: EventLog,
         *,
         max_queue: int,
@@ -62,6 +63,7 @@ class Client:
     ) -> None:
         self.connection = connection
         self.principal = principal
+        self.token = token
         self._eventlog = eventlog
         self._page_size = page_size
         self._unregister = unregister

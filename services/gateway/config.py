@@ -24,6 +24,10 @@ class GatewayConfig:
         default="",
         metadata={"fallback": "JWT_PUBLIC_KEY", "help": "PEM public key (RS256/ES256) instead"},
     )
+    export_url: str = field(
+        default="http://127.0.0.1:8080",
+        metadata={"help": "the export service's base URL, where cancels are forwarded"},
+    )
     max_queue: int = field(
         default=1000, metadata={"help": "messages queued for one client before it must resume"}
     )

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 
+import aiohttp
 import asyncpg
 import msgspec
 import structlog
@@ -30,6 +31,8 @@ from schemas.events import Event, encode_event
 from schemas.wire import (
     Authenticate,
     Authenticated,
+    CancelAck,
+    CancelExport,
     Subscribe,
     Unsubscribe,
     client_decoder,
@@ -98,6 +101,7 @@ class Gateway:
         self._tail_task: asyncio.Task[None] | None = None
         self._closing = False
         self._eventlog: EventLog | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._subscribers: dict[uuid.UUID, set[Client]] = {}
         self._verifier = TokenVerifier(
             secret=config.jwt_secret or None, public_key=config.jwt_public_key or None
@@ -115,6 +119,7 @@ class Gateway:
         return self._tailer
 
     async def start(self) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self._pool = await create_pool(
             self.config.database_url, min_size=1, max_size=self.config.pool_max
         )
@@ -160,6 +165,8 @@ class Gateway:
                 await self._tail_task
         if self._pool is not None:
             await self._pool.close()
+        if self._http is not None:
+            await self._http.close()
 
     def _on_events(self, events: list[Event]) -> None:
         """Fan a page of new events out: each encoded once, the same bytes for every client."""
@@ -222,13 +229,15 @@ class Gateway:
         return _json(http.HTTPStatus.OK, {"status": "ready", "position": self._tailer.position})
 
     async def _handle(self, connection: ServerConnection) -> None:
-        principal = await self._authenticate(connection)
-        if principal is None:
+        authenticated = await self._authenticate(connection)
+        if authenticated is None:
             return
+        principal, token = authenticated
         assert self._eventlog is not None
         client = Client(
             connection,
             principal,
+            token,
             self._eventlog,
             max_queue=self.config.max_queue,
             page_size=self.config.page_size,
@@ -265,11 +274,11 @@ class Gateway:
             for job_id in list(client.subscriptions):
                 self._unregister(job_id, client)
 
-    async def _authenticate(self, connection: ServerConnection) -> Principal | None:
+    async def _authenticate(self, connection: ServerConnection) -> tuple[Principal, str] | None:
         offered = _offered_token(connection)
         if offered is not None:
             try:
-                return self._verifier.verify(offered)
+                return self._verifier.verify(offered), offered
             except AuthError as exc:
                 await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
                 return None
@@ -288,7 +297,7 @@ class Gateway:
             await connection.close(CLOSE_AUTH_FAILED, "the first message must be auth")
             return None
         try:
-            return self._verifier.verify(message.token)
+            return self._verifier.verify(message.token), message.token
         except AuthError as exc:
             await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
             return None
@@ -333,11 +342,51 @@ class Gateway:
                     # arrives live (see Subscription).
                     self._subscribers.setdefault(job_id, set()).add(client)
                     client.dispatch(job_id, subscription.start())
+                case CancelExport(job_id=job_id):
+                    await self._cancel(client, job_id)
                 case Unsubscribe(job_id=job_id):
                     client.subscriptions.pop(job_id, None)
                     self._unregister(job_id, client)
                 case Authenticate():
                     client.error("invalid_message", "already authenticated")
+
+    async def _cancel(self, client: Client, job_id: uuid.UUID) -> None:
+        """Forward a cancel to the export service with the user's own token: the export service
+        decides (and checks access); the answer comes back as export:cancel-ack."""
+        assert self._eventlog is not None
+        assert self._http is not None
+        state = await self._eventlog.job_state(job_id)
+        if state is None or not client.principal.can_read(state.project_id):
+            client.error("not_found", f"no export {job_id} you may follow")
+            return
+        url = (
+            f"{self.config.export_url.rstrip('/')}/projects/{state.project_id}"
+            f"/export/{job_id}/cancel"
+        )
+        try:
+            async with self._http.post(
+                url, headers={"Authorization": f"Bearer {client.token}"}
+            ) as response:
+                body = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("cancel not forwarded", job_id=str(job_id), error=repr(exc))
+            client.error("unavailable", "the export service did not answer; try again")
+            return
+        if status == 202:
+            ack = CancelAck(job_id=job_id, accepted=True, seq=body.get("seq"))
+        elif status == 409:
+            error = body.get("error", {})
+            ack = CancelAck(
+                job_id=job_id, accepted=False, seq=error.get("seq"), outcome=error.get("outcome")
+            )
+        elif status == 403:
+            client.error("forbidden", "this token may not cancel that export")
+            return
+        else:
+            client.error("unavailable", f"the export service answered {status}")
+            return
+        client.send(server_encoder.encode(ack))
 
     def _unregister(self, job_id: uuid.UUID, client: Client) -> None:
         clients = self._subscribers.get(job_id)
