@@ -42,7 +42,11 @@ class CancelExport(_ClientMessage, frozen=True, tag="export:cancel"):
     job_id: UUID
 
 
-ClientMessage: TypeAlias = Authenticate | Subscribe | Unsubscribe | CancelExport
+class Ping(_ClientMessage, frozen=True, tag="ping"):
+    """An application-level ping, for clients (browsers) that cannot see WebSocket pings."""
+
+
+ClientMessage: TypeAlias = Authenticate | Subscribe | Unsubscribe | CancelExport | Ping
 
 
 class _ServerMessage(msgspec.Struct, frozen=True, kw_only=True, rename="camel", tag_field="type"):
@@ -82,6 +86,16 @@ class CancelAck(_ServerMessage, frozen=True, omit_defaults=True, tag="export:can
     outcome: str | None = None
 
 
+class Pong(_ServerMessage, frozen=True, tag="pong"):
+    """The answer to a ping."""
+
+
+class Heartbeat(_ServerMessage, frozen=True, tag="heartbeat"):
+    """Sent every few seconds: a client that stops hearing it knows the server is gone."""
+
+    interval: float
+
+
 class Authenticated(_ServerMessage, frozen=True, tag="authenticated"):
     user: str
 
@@ -93,7 +107,9 @@ class Error(_ServerMessage, frozen=True, tag="error"):
     message: str
 
 
-ServerMessage: TypeAlias = StatusSync | CaughtUp | EndOfStream | CancelAck | Authenticated | Error
+ServerMessage: TypeAlias = (
+    StatusSync | CaughtUp | EndOfStream | CancelAck | Pong | Heartbeat | Authenticated | Error
+)
 
 client_decoder = msgspec.json.Decoder(ClientMessage)
 server_encoder = msgspec.json.Encoder()

@@ -683,6 +683,17 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"cannot read {self.pgdata}/postmaster.pid: {exc}") from exc
         return lines if lines and lines[0].strip().isdigit() else None
 
+    def _serving(self, port: int) -> bool:
+        """Whether the postmaster named in pgdata is alive and accepts TCP on `port`."""
+        lines = self._read_pidfile()
+        if lines is None or not _pid_is_live(int(lines[0])):
+            return False
+        try:
+            with socket.create_connection((_HOST, port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
     def _running_port(self) -> int | None:
         """Port of the live postmaster serving pgdata, or None if there is none."""
         lines = self._read_pidfile()
@@ -832,6 +843,11 @@ class EmbeddedPostgres:
                 break
             tail = _tail(self.log_file)
             recent = _read_from(self.log_file, log_offset).lower()
+            if "ready to accept connections" in recent and self._serving(port):
+                # pg_ctl gave up waiting (seen once on a loaded machine) although the server it
+                # started is up and answering: trust the server, not pg_ctl's clock.
+                log.warning("embedded_postgres.pg_ctl_gave_up_early", port=port)
+                break
             in_time = time.monotonic() < deadline
             if in_time and self._port is None and any(s in recent for s in _PORT_CLASH):
                 # Someone took the port between our probe and the postmaster's bind.

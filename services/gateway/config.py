@@ -48,6 +48,10 @@ class GatewayConfig:
     ping_interval: float = field(
         default=10.0, metadata={"help": "seconds between pings; a client silent for two is dropped"}
     )
+    heartbeat_interval: float = field(
+        default=15.0,
+        metadata={"help": "seconds between heartbeat messages a browser can watch for"},
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

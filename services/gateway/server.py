@@ -33,6 +33,9 @@ from schemas.wire import (
     Authenticated,
     CancelAck,
     CancelExport,
+    Heartbeat,
+    Ping,
+    Pong,
     Subscribe,
     Unsubscribe,
     client_decoder,
@@ -55,6 +58,9 @@ from .config import GatewayConfig
 from .tailer import Tailer
 
 log = structlog.get_logger(__name__)
+
+
+_PONG = server_encoder.encode(Pong())
 
 
 def _select_subprotocol(
@@ -252,6 +258,7 @@ class Gateway:
             asyncio.create_task(client.read(), name="client-read"),
             asyncio.create_task(self._receive(client), name="client-receive"),
             asyncio.create_task(client.overflow.wait(), name="client-overflow"),
+            asyncio.create_task(self._heartbeats(client), name="client-heartbeat"),
             expiry,
         ]
         try:
@@ -349,6 +356,15 @@ class Gateway:
                     self._unregister(job_id, client)
                 case Authenticate():
                     client.error("invalid_message", "already authenticated")
+                case Ping():
+                    client.send(_PONG)
+
+    async def _heartbeats(self, client: Client) -> None:
+        interval = self.config.heartbeat_interval
+        beat = server_encoder.encode(Heartbeat(interval=interval))
+        while True:
+            await asyncio.sleep(interval)
+            client.send(beat)
 
     async def _cancel(self, client: Client, job_id: uuid.UUID) -> None:
         """Forward a cancel to the export service with the user's own token: the export service

@@ -265,3 +265,22 @@ async def test_an_oversized_message_closes_with_1009(gateway: Gateway) -> None:
         closed = await drain(ws, [])
     assert closed.rcvd is not None
     assert closed.rcvd.code == 1009
+
+
+async def test_heartbeats_and_pings_let_a_browser_see_the_server_is_alive(
+    database_url: str,
+) -> None:
+    config = GatewayConfig(
+        database_url=database_url, port=0, jwt_secret=SECRET, heartbeat_interval=0.2
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        async with await connect(gateway) as ws:
+            (beat,) = await receive_until(ws, lambda m: m["type"] == "heartbeat")
+            assert beat == {"type": "heartbeat", "interval": 0.2}
+            await ws.send(json.dumps({"type": "ping"}))
+            messages = await receive_until(ws, lambda m: m["type"] == "pong")
+            assert messages[-1] == {"type": "pong"}
+    finally:
+        await gateway.close()
