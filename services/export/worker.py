@@ -49,6 +49,7 @@ from schemas.events import (
 from schemas.messages import CATALOGUE, message
 from schemas.state import JobState
 from services.common.eventlog import ConflictError, EventLog, JobClosedError, NewEvent
+from services.common.listener import Listener
 from services.common.queries import QUERIES
 
 from .config import ExportConfig
@@ -112,7 +113,14 @@ class Worker:
         self.data_root = Path(config.data_root)
         self.work_root = Path(config.work_root)
         self.archive_root = Path(config.archive_root)
-        self.listening = False
+        # NOTIFY wake-ups: a job was queued somewhere, or a cancel was requested. Work queued
+        # while we were not listening is looked for on every (re)connect.
+        self._listener = Listener(
+            config.database_url,
+            {JOBS_CHANNEL: lambda _payload: self.wake(), CANCEL_CHANNEL: self._on_cancel_notice},
+            on_connected=self.wake,
+            name="worker",
+        )
         self.shutdown_grace = 10.0
         # A seam for tests of the cancel-versus-complete race: awaited with the archive ready,
         # just before `completed` is appended.
@@ -135,6 +143,10 @@ class Worker:
         return True
 
     @property
+    def listening(self) -> bool:
+        return self._listener.connected
+
+    @property
     def running(self) -> list[uuid.UUID]:
         return list(self._running)
 
@@ -143,7 +155,7 @@ class Worker:
         self.archive_root.mkdir(parents=True, exist_ok=True)
         self.work_root.mkdir(parents=True, exist_ok=True)
         helpers = [
-            asyncio.create_task(self._listen(), name="worker-listen"),
+            asyncio.create_task(self._listener.run(), name="worker-listen"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
         ]
         try:
@@ -558,38 +570,7 @@ class Worker:
                 elif held[job_id] in ("cancelling", "cancelled", "failed", "completed"):
                     job.stop()
 
-    async def _listen(self) -> None:
-        """NOTIFY wake-ups: a job was queued somewhere, or a cancel was requested."""
-        backoff = 0.1
-        while True:
-            closed = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._config.database_url)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("worker LISTEN connection failed", error=repr(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
-            try:
-                conn.add_termination_listener(lambda _c, done=closed: done.set())
-                await conn.add_listener(JOBS_CHANNEL, lambda *_: self.wake())
-                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notice)
-                self.listening = True
-                self.wake()  # work queued while we were not listening
-                while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), 10)
-                    except TimeoutError:
-                        await conn.execute("SELECT 1", timeout=5)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("worker LISTEN connection lost", error=repr(exc))
-            finally:
-                self.listening = False
-                if not conn.is_closed():
-                    await conn.close(timeout=2)
-
-    def _on_cancel_notice(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_cancel_notice(self, payload: str) -> None:
         try:
             job_id = uuid.UUID(payload)
         except ValueError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Callable
 
 import asyncpg
@@ -17,6 +16,7 @@ import structlog
 
 from schemas.events import Event
 from services.common.eventlog import EventLog
+from services.common.listener import Listener
 from services.common.notifier import CHANNEL
 
 log = structlog.get_logger(__name__)
@@ -40,8 +40,14 @@ class Tailer:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
+        # Anything appended while we were not listening is read on every (re)connect.
+        self._listener = Listener(
+            dsn,
+            {CHANNEL: lambda _payload: self._wake.set()},
+            on_connected=self._wake.set,
+            name="tailer",
+        )
         self.position = 0
-        self.listening = False
         self.reads = 0
         self.events_read = 0
 
@@ -49,8 +55,12 @@ class Tailer:
         """Follow the log from `start` (default: its current end) until cancelled."""
         self.position = await self._eventlog.head_position() if start is None else start
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._listen(), name="tailer-listen")
+            tasks.create_task(self._listener.run(), name="tailer-listen")
             tasks.create_task(self._read_loop(), name="tailer-read")
+
+    @property
+    def listening(self) -> bool:
+        return self._listener.connected
 
     def wake(self) -> None:
         """Ask for a read now (a notification, a reconnect, a test)."""
@@ -76,35 +86,3 @@ class Tailer:
                 self._sink(events)
             if len(events) < self._batch_size:
                 return
-
-    async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            closed = asyncio.Event()
-            try:
-                conn = await asyncpg.connect(self._dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("LISTEN connection failed", error=repr(exc), retry_in=backoff)
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 5.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, done=closed: done.set())
-                await conn.add_listener(CHANNEL, lambda *_args: self._wake.set())
-                self.listening = True
-                backoff = 0.1
-                # Anything appended while we were not listening is read now.
-                self._wake.set()
-                while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), 10)
-                    except TimeoutError:
-                        # A connection that died without a word (a cut network) shows here.
-                        await conn.execute("SELECT 1", timeout=5)
-                log.warning("LISTEN connection lost; reconnecting")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN connection failed; reconnecting", error=repr(exc))
-            finally:
-                self.listening = False
-                if not conn.is_closed():
-                    await conn.close(timeout=2)

@@ -1,0 +1,82 @@
+"""A LISTEN connection that stays up: reconnects with backoff, notices silent deaths.
+
+NOTIFY is only ever a hint here. Whoever listens must also poll, and must re-read after every
+(re)connect, since notifications sent while the connection was down are gone: `on_connected` is
+called each time the connection is (re)established, for exactly that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[str], None]
+"""Called with a notification's payload."""
+
+
+class Listener:
+    """LISTENs on some channels until cancelled; `connected` says whether it is listening now."""
+
+    def __init__(
+        self,
+        dsn: str,
+        handlers: Mapping[str, Handler],
+        *,
+        on_connected: Callable[[], None] = lambda: None,
+        name: str = "listener",
+        keepalive: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._handlers = dict(handlers)
+        self._on_connected = on_connected
+        self._name = name
+        self._keepalive = keepalive
+        self.connected = False
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with jittered exponential backoff."""
+        backoff = 0.1
+        while True:
+            closed = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning(
+                    "LISTEN connection failed",
+                    listener=self._name,
+                    error=repr(exc),
+                    retry_in=backoff,
+                )
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            try:
+                conn.add_termination_listener(lambda _c, done=closed: done.set())
+                for channel, handler in self._handlers.items():
+                    await conn.add_listener(
+                        channel, lambda _c, _pid, _ch, payload, h=handler: h(payload)
+                    )
+                self.connected = True
+                self._on_connected()
+                while not closed.is_set():
+                    try:
+                        await asyncio.wait_for(closed.wait(), self._keepalive)
+                    except TimeoutError:
+                        # A connection that died without a word (a cut network) shows here.
+                        await conn.execute("SELECT 1", timeout=5)
+                log.warning("LISTEN connection lost; reconnecting", listener=self._name)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning(
+                    "LISTEN connection failed; reconnecting", listener=self._name, error=repr(exc)
+                )
+            finally:
+                self.connected = False
+                if not conn.is_closed():
+                    await conn.close(timeout=2)
