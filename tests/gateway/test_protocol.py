@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -60,8 +61,6 @@ async def receive_until(
     ws: ClientConnection, done: Any, timeout: float = 10
 ) -> list[dict[str, Any]]:
     """Messages until `done(message)` holds for one (included)."""
-    import asyncio
-
     messages: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout):
         while True:
@@ -72,14 +71,15 @@ async def receive_until(
 
 
 async def drain(ws: ClientConnection, seen: list[int]) -> websockets.ConnectionClosed:
-    """Read event seqs into `seen` until the server closes; the close."""
-    while True:
-        try:
-            message = json.loads(await ws.recv())
-        except websockets.ConnectionClosed as closed:
-            return closed
-        if "eventId" in message:
-            seen.append(message["seq"])
+    """Read event seqs into `seen` until the server closes (within 15 s); the close."""
+    async with asyncio.timeout(15):
+        while True:
+            try:
+                message = json.loads(await ws.recv())
+            except websockets.ConnectionClosed as closed:
+                return closed
+            if "eventId" in message:
+                seen.append(message["seq"])
 
 
 async def test_status_sync_replays_then_goes_live(gateway: Gateway, eventlog: EventLog) -> None:
@@ -242,16 +242,20 @@ async def test_a_flooding_client_is_closed_with_the_limit_code(gateway: Gateway)
     assert closed.rcvd.code == CLOSE_LIMIT
 
 
-async def test_too_many_subscriptions_close_with_the_limit_code(database_url: str) -> None:
+async def test_too_many_subscriptions_close_with_the_limit_code(
+    database_url: str, eventlog: EventLog
+) -> None:
     config = GatewayConfig(
         database_url=database_url, port=0, jwt_secret=SECRET, max_subscriptions=3
     )
     gateway = Gateway(config)
     await gateway.start()
     try:
+        # Jobs the user may follow: subscriptions to them stay (unknown jobs would be dropped).
+        jobs = [await new_job(eventlog) for _ in range(4)]
         async with await connect(gateway) as ws:
-            for _ in range(4):
-                await ws.send(json.dumps({"type": "subscribe", "jobId": str(uuid.uuid4())}))
+            for job_id in jobs:
+                await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id)}))
             closed = await drain(ws, [])
         assert closed.rcvd is not None
         assert closed.rcvd.code == CLOSE_LIMIT
