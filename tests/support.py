@@ -7,6 +7,7 @@ import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from schemas.events import ArchiveInfo, Cancelled, Completed, Failed, Progress, Queued, Started
 from services.common.eventlog import EventLog, NewEvent
@@ -62,3 +63,11 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def unpack(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A gateway message as a list: the events of an `export:replay` frame, else itself."""
+    if message.get("type") == "export:replay":
+        events: list[dict[str, Any]] = message["events"]
+        return events
+    return [message]

@@ -178,3 +178,56 @@ RETURNING 1;
 -- name: job_lease
 -- Who holds a job, and its state.
 SELECT lease_owner, state FROM jobs WHERE job_id = $1;
+
+-- name: job_states
+-- The projected state of many jobs at once (the gateway's coalesced snapshot reads).
+SELECT job_id, state FROM jobs WHERE job_id = ANY($1::uuid[]) AND status <> 'new';
+
+-- name: job_ranges
+-- Events of many jobs in one query, one seq range (after_seq, upto] per row of the arrays.
+SELECT r.n, e.position, e.job_id, e.project_id, e.seq, e.event_id, e.type, e.occurred_at,
+       e.actor, e.data
+  FROM unnest($1::uuid[], $2::integer[], $3::integer[]) WITH ORDINALITY AS r(job_id, after_seq, upto, n)
+ CROSS JOIN LATERAL (
+       SELECT * FROM events
+        WHERE events.job_id = r.job_id AND events.seq > r.after_seq AND events.seq <= r.upto
+        ORDER BY events.seq) AS e
+ ORDER BY r.n, e.seq;
+
+-- name: project_snapshots
+-- For each project: the log's head and the state of its newest jobs, read in one statement so
+-- that the states are exactly those of the events up to the head (positions are handed out in
+-- commit order, so a snapshot sees every position up to the highest one it sees).
+SELECT p.project_id,
+       (SELECT coalesce(max(position), 0) FROM events) AS head,
+       (SELECT coalesce(json_agg(j.state ORDER BY j.created_at DESC, j.job_id DESC), '[]')
+          FROM (SELECT state, created_at, job_id FROM jobs
+                 WHERE jobs.project_id = p.project_id AND status <> 'new'
+                 ORDER BY created_at DESC, job_id DESC
+                 LIMIT $2) AS j)::text AS jobs
+  FROM unnest($1::text[]) AS p(project_id);
+
+-- name: project_pages
+-- Pages of many projects' streams in one query: the events of project r.project_id after
+-- position r.after_position, at most r.lim of them, per row of the arrays.
+SELECT r.n, e.position, e.job_id, e.project_id, e.seq, e.event_id, e.type, e.occurred_at,
+       e.actor, e.data
+  FROM unnest($1::text[], $2::bigint[], $3::integer[]) WITH ORDINALITY AS r(project_id, after_position, lim, n)
+ CROSS JOIN LATERAL (
+       SELECT * FROM events
+        WHERE events.project_id = r.project_id AND events.position > r.after_position
+        ORDER BY events.position
+        LIMIT r.lim) AS e
+ ORDER BY r.n, e.position;
+
+-- name: log_pages
+-- Pages of the whole log after several positions in one query.
+SELECT r.n, e.position, e.job_id, e.project_id, e.seq, e.event_id, e.type, e.occurred_at,
+       e.actor, e.data
+  FROM unnest($1::bigint[], $2::integer[]) WITH ORDINALITY AS r(after_position, lim, n)
+ CROSS JOIN LATERAL (
+       SELECT * FROM events
+        WHERE events.position > r.after_position
+        ORDER BY events.position
+        LIMIT r.lim) AS e
+ ORDER BY r.n, e.position;

@@ -11,23 +11,34 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import Literal, TypeAlias
 
 import structlog
 from websockets.asyncio.server import ServerConnection
 
 from schemas.events import encode_event
-from schemas.wire import CaughtUp, EndOfStream, Error, StatusSync, server_encoder
+from schemas.wire import (
+    CaughtUp,
+    EndOfStream,
+    Error,
+    StatusSync,
+    server_encoder,
+)
 from services.common.auth import Principal
-from services.common.eventlog import EventLog
 
+from .reader import Page, Reader
 from .subscription import (
     Action,
     ReadPage,
     ReadSnapshot,
+    ReadStreamPage,
     Send,
     SendCaughtUp,
     SendEndOfStream,
     SendStatusSync,
+    SendStreamCaughtUp,
+    SendStreamSync,
+    StreamSubscription,
     Subscription,
 )
 
@@ -43,8 +54,31 @@ CLOSE_TOKEN_EXPIRED = 4003
 """The token has expired: get a fresh one, reconnect and resume from the last seq."""
 CLOSE_LIMIT = 4029
 """The client sent messages too fast or followed too many jobs (see the limits in the README)."""
+CLOSE_UNAVAILABLE = 1011
+"""The gateway could not read the log: reconnect after a pause and resume from the last seq."""
 SUBPROTOCOL = "exportlog.v1"
 """Offer it (with `bearer.<token>` beside it, for browsers that cannot set headers)."""
+
+
+StreamKey: TypeAlias = (
+    tuple[Literal["job"], uuid.UUID] | tuple[Literal["project"], str] | tuple[Literal["log"], None]
+)
+"""What a subscription follows: ("job", id), ("project", id) or ("log", None)."""
+
+LOG: StreamKey = ("log", None)
+
+REPLAY_FRAMES_QUEUED = 2
+"""Replay frames a client may have queued at once: a replay waits for the client to take them
+(flow control), so a long replay neither fills the queue nor pushes live events out of it."""
+
+
+def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
+    """(jobId, projectId, log): the fields that name the stream in every marker sent for it."""
+    if key[0] == "job":
+        return key[1], None, False
+    if key[0] == "project":
+        return None, key[1], False
+    return None, None, True
 
 
 class Client:
@@ -55,113 +89,171 @@ class Client:
         connection: ServerConnection,
         principal: Principal,
         token: str,
-        eventlog: EventLog,
+        reader: Reader,
         *,
         max_queue: int,
         page_size: int,
-        unregister: Callable[[uuid.UUID, Client], None],
+        unregister: Callable[[StreamKey, Client], None],
     ) -> None:
         self.connection = connection
         self.principal = principal
         self.token = token
-        self._eventlog = eventlog
+        self._reader = reader
         self._page_size = page_size
         self._unregister = unregister
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max_queue)
-        self.reads: asyncio.Queue[tuple[uuid.UUID, Action]] = asyncio.Queue()
-        self.subscriptions: dict[uuid.UUID, Subscription] = {}
+        # (bytes, is a replay frame): the writer counts the replay frames it takes.
+        self.outbox: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(maxsize=max_queue)
+        self.reads: asyncio.Queue[tuple[StreamKey, Action]] = asyncio.Queue()
+        self.subscriptions: dict[StreamKey, Subscription | StreamSubscription] = {}
         self.overflowed = False
         self.overflow = asyncio.Event()
-        # Replays wait for room and leave half the queue to live events, so a long replay is
-        # paced by the client (flow control) and never pushes live events into an overflow.
-        self._replay_room = max(max_queue // 2, 1)
-        self._drained = asyncio.Event()
+        self._replay_queued = 0
+        self._replay_taken = asyncio.Event()
+        self._snapshot_jobs: dict[StreamKey, bytes | None] = {}
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, replay: bool = False) -> None:
         """Queue bytes for the writer; a full queue means the client cannot keep up."""
         if self.overflowed:
             return
         try:
-            self.outbox.put_nowait(data)
+            self.outbox.put_nowait((data, replay))
         except asyncio.QueueFull:
             # Its connection handler closes it with CLOSE_RESUME; what it could not take is
             # dropped, the log keeps it.
             self.overflowed = True
             self.overflow.set()
             log.info("client too slow; asking it to resume", user=self.principal.user_id)
+            return
+        if replay:
+            self._replay_queued += 1
 
     def error(self, code: str, message: str) -> None:
         self.send(server_encoder.encode(Error(code=code, message=message)))
 
     async def write(self) -> None:
-        """The writer task: one send at a time, in queue order."""
+        """The writer task: one send at a time, in queue order, as text frames."""
         while True:
-            data = await self.outbox.get()
-            self._drained.set()
-            await self.connection.send(data.decode())
+            data, replay = await self.outbox.get()
+            if replay:
+                self._replay_queued -= 1
+                self._replay_taken.set()
+            await self.connection.send(data, text=True)
 
-    async def _send_paced(self, data: bytes) -> None:
-        while self.outbox.qsize() >= self._replay_room and not self.overflowed:
-            self._drained.clear()
-            await self._drained.wait()
-        self.send(data)
+    async def _send_replay(self, frame: bytes) -> None:
+        while self._replay_queued >= REPLAY_FRAMES_QUEUED and not self.overflowed:
+            self._replay_taken.clear()
+            await self._replay_taken.wait()
+        self.send(frame, replay=True)
 
     # -- carrying out a subscription's actions ----------------------------------------------
 
-    def dispatch(
-        self, job_id: uuid.UUID, actions: list[Action], live: dict[int, bytes] | None = None
-    ) -> None:
-        """Carry out actions: sends now, reads by the reader task. `live` holds the already
-        encoded bytes of live events, by seq."""
+    def dispatch(self, key: StreamKey, actions: list[Action], live: bytes | None = None) -> None:
+        """Carry out actions: sends now, reads by the reader task. `live` is the already
+        encoded live event the actions came from."""
         for action in actions:
             match action:
                 case Send(event=event):
-                    encoded = live.get(event.seq) if live else None
-                    self.send(encoded if encoded is not None else encode_event(event))
+                    self.send(live if live is not None else encode_event(event))
                 case SendStatusSync(state=state, seq=seq):
+                    assert key[0] == "job"
                     self.send(
-                        server_encoder.encode(StatusSync(job_id=job_id, seq=seq, state=state))
+                        server_encoder.encode(StatusSync(job_id=key[1], seq=seq, state=state))
                     )
+                case SendStreamSync(position=position):
+                    self.send(self._stream_sync(key, position))
                 case SendCaughtUp(seq=seq):
-                    self.send(server_encoder.encode(CaughtUp(job_id=job_id, seq=seq)))
+                    assert key[0] == "job"
+                    self.send(server_encoder.encode(CaughtUp(job_id=key[1], seq=seq)))
+                case SendStreamCaughtUp(position=position):
+                    _, project_id, whole_log = stream_names(key)
+                    marker = CaughtUp(project_id=project_id, log=whole_log, position=position)
+                    self.send(server_encoder.encode(marker))
                 case SendEndOfStream(seq=seq):
-                    self.send(server_encoder.encode(EndOfStream(job_id=job_id, seq=seq)))
-                    self.subscriptions.pop(job_id, None)
-                    self._unregister(job_id, self)
-                case ReadSnapshot() | ReadPage():
-                    self.reads.put_nowait((job_id, action))
+                    assert key[0] == "job"
+                    self.send(server_encoder.encode(EndOfStream(job_id=key[1], seq=seq)))
+                    self.drop(key)
+                case ReadSnapshot() | ReadPage() | ReadStreamPage():
+                    self.reads.put_nowait((key, action))
+
+    def _stream_sync(self, key: StreamKey, position: int) -> bytes:
+        _, project_id, whole_log = stream_names(key)
+        sync = server_encoder.encode(
+            StatusSync(project_id=project_id, log=whole_log, position=position)
+        )
+        jobs = self._snapshot_jobs.pop(key, None)
+        if jobs is None:
+            return sync
+        # The projection's JSON is spliced in as stored: states are not decoded per client.
+        return sync[:-1] + b',"jobs":' + jobs + b"}"
+
+    def drop(self, key: StreamKey) -> None:
+        """Forget a subscription (ended, unsubscribed, refused)."""
+        self.subscriptions.pop(key, None)
+        self._unregister(key, self)
 
     async def read(self) -> None:
         """The reader task: the log reads the subscriptions ask for, one at a time."""
         while True:
-            job_id, action = await self.reads.get()
-            subscription = self.subscriptions.get(job_id)
+            key, action = await self.reads.get()
+            subscription = self.subscriptions.get(key)
             if subscription is None:
                 continue
-            if isinstance(action, ReadSnapshot):
-                state = await self._eventlog.job_state(job_id)
-                if state is None or not self.principal.can_read(state.project_id):
-                    # The same answer for "no such job" and "not yours": existence is not
-                    # revealed. Nothing of the job was sent: live events wait for the snapshot.
-                    self.subscriptions.pop(job_id, None)
-                    self._unregister(job_id, self)
-                    self.error("not_found", f"no export {job_id} you may follow")
-                    continue
-                self.dispatch(job_id, subscription.on_snapshot(state))
-            elif isinstance(action, ReadPage):
-                events = await self._eventlog.read_stream(job_id, action.after_seq, action.limit)
-                for follow_up in subscription.on_page(events):
-                    if isinstance(follow_up, Send):
-                        await self._send_paced(encode_event(follow_up.event))
-                    else:
-                        self.dispatch(job_id, [follow_up])
+            if isinstance(subscription, Subscription):
+                assert key[0] == "job"
+                await self._read_job(key, key[1], subscription, action)
+            else:
+                await self._read_stream(key, subscription, action)
 
-    def subscribe(self, job_id: uuid.UUID, after_seq: int | None) -> Subscription | None:
-        if job_id in self.subscriptions:
-            self.error("already_subscribed", f"already following export {job_id}")
+    async def _read_job(
+        self, key: StreamKey, job_id: uuid.UUID, subscription: Subscription, action: Action
+    ) -> None:
+        if isinstance(action, ReadSnapshot):
+            state = await self._reader.job_state(job_id)
+            if state is None or not self.principal.can_read(state.project_id):
+                # The same answer for "no such job" and "not yours": existence is not
+                # revealed. Nothing of the job was sent: live events wait for the snapshot.
+                self.drop(key)
+                self.error("not_found", f"no export {job_id} you may follow")
+                return
+            self.dispatch(key, subscription.on_snapshot(state))
+        elif isinstance(action, ReadPage):
+            page = await self._reader.job_page(job_id, action.after_seq, action.limit)
+            await self._replay(key, page, subscription.on_page(page.events))
+
+    async def _read_stream(
+        self, key: StreamKey, subscription: StreamSubscription, action: Action
+    ) -> None:
+        project_id = key[1] if key[0] == "project" else None
+        assert project_id is None or isinstance(project_id, str)
+        if isinstance(action, ReadSnapshot):
+            snapshot = await self._reader.stream_snapshot(project_id)
+            self._snapshot_jobs[key] = snapshot.jobs_json
+            self.dispatch(key, subscription.on_snapshot(snapshot.head))
+        elif isinstance(action, ReadStreamPage):
+            page = await self._reader.stream_page(project_id, action.after_position, action.limit)
+            await self._replay(key, page, subscription.on_page(page.events))
+
+    async def _replay(self, key: StreamKey, page: Page, actions: list[Action]) -> None:
+        """Send a page's new events as one frame (paced), then the machine's other actions."""
+        sends = [a for a in actions if isinstance(a, Send)]
+        if sends:
+            first = page.events.index(sends[0].event)
+            await self._send_replay(page.frame(first, first + len(sends)))
+        self.dispatch(key, [a for a in actions if not isinstance(a, Send)])
+
+    def subscribe(
+        self, key: StreamKey, after: int | None
+    ) -> Subscription | StreamSubscription | None:
+        """A new subscription, not started; None (with an error sent) when it exists."""
+        if key in self.subscriptions:
+            self.error("already_subscribed", "already following that stream")
             return None
-        subscription = Subscription(job_id, after_seq, page_size=self._page_size)
-        self.subscriptions[job_id] = subscription
+        subscription: Subscription | StreamSubscription
+        if key[0] == "job":
+            subscription = Subscription(key[1], after, page_size=self._page_size)
+        else:
+            subscription = StreamSubscription(after, page_size=self._page_size)
+        self.subscriptions[key] = subscription
         return subscription

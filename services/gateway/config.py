@@ -31,12 +31,18 @@ class GatewayConfig:
     max_queue: int = field(
         default=1000, metadata={"help": "messages queued for one client before it must resume"}
     )
-    page_size: int = field(default=500, metadata={"help": "events per replay read"})
+    page_size: int = field(
+        default=200, metadata={"help": "events per replay read, and per export:replay frame"}
+    )
+    snapshot_jobs: int = field(
+        default=200, metadata={"help": "job states at most in a project's status-sync"}
+    )
     auth_timeout: float = field(
         default=10.0, metadata={"help": "seconds a new connection has to authenticate"}
     )
     max_subscriptions: int = field(
-        default=100, metadata={"help": "jobs one connection may follow at once"}
+        default=100,
+        metadata={"help": "streams (jobs, projects, the log) one connection may follow"},
     )
     max_message_bytes: int = field(
         default=4096, metadata={"help": "largest message a client may send (close 1009 beyond)"}

@@ -51,10 +51,14 @@ from .clients import (
     CLOSE_RESTART,
     CLOSE_RESUME,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_UNAVAILABLE,
+    LOG,
     SUBPROTOCOL,
     Client,
+    StreamKey,
 )
 from .config import GatewayConfig
+from .reader import Reader, ReaderError
 from .tailer import Tailer
 
 log = structlog.get_logger(__name__)
@@ -83,6 +87,24 @@ def _offered_token(connection: ServerConnection) -> str | None:
     return None
 
 
+STREAM_ROLES = frozenset({"service", "auditor"})
+"""Roles that may follow the whole log."""
+
+
+def stream_key(message: Subscribe | Unsubscribe) -> StreamKey | str:
+    """The stream a subscribe or unsubscribe names, or what is wrong with it."""
+    named = (message.job_id is not None) + (message.project_id is not None) + message.log
+    if named != 1:
+        return "name exactly one of jobId, projectId or log"
+    if message.job_id is not None:
+        return ("job", message.job_id)
+    if message.project_id is not None:
+        if not message.project_id:
+            return "projectId cannot be empty"
+        return ("project", message.project_id)
+    return LOG
+
+
 def _json(status: http.HTTPStatus, body: object) -> Response:
     payload = json.dumps(body).encode()
     headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
@@ -108,7 +130,31 @@ class Gateway:
         self._closing = False
         self._eventlog: EventLog | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._subscribers: dict[uuid.UUID, set[Client]] = {}
+        self._subscribers: dict[StreamKey, set[Client]] = {}
+        self._reader: Reader | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._replay_queries = Counter(
+            "gateway_replay_queries",
+            "Queries sent for replays (coalesced across clients)",
+            ["query"],
+            registry=self.registry,
+        )
+        self._replay_requests = Counter(
+            "gateway_replay_requests",
+            "Replay reads asked for by clients",
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            "gateway_connections", "Authenticated connections", registry=self.registry
+        )
+        self._delivered = Counter(
+            "gateway_events_sent", "Live events queued to clients", registry=self.registry
+        )
+        self._resumes = Counter(
+            "gateway_slow_clients_closed",
+            "Clients closed because they fell behind (told to resume)",
+            registry=self.registry,
+        )
         self._verifier = TokenVerifier(
             secret=config.jwt_secret or None, public_key=config.jwt_public_key or None
         )
@@ -124,12 +170,23 @@ class Gateway:
         assert self._tailer is not None
         return self._tailer
 
+    @property
+    def reader(self) -> Reader:
+        assert self._reader is not None
+        return self._reader
+
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         self._pool = await create_pool(
             self.config.database_url, min_size=1, max_size=self.config.pool_max
         )
         self._eventlog = EventLog(self._pool)
+        self._reader = Reader(
+            self._pool,
+            snapshot_jobs=self.config.snapshot_jobs,
+            on_query=lambda name: self._replay_queries.labels(name).inc(),
+        )
+        self._reader_task = asyncio.create_task(self._reader.run(), name="gateway-reader")
         self._tailer = Tailer(
             self._eventlog,
             self.config.database_url,
@@ -165,10 +222,11 @@ class Gateway:
             for connection in list(self._server.connections):
                 await connection.close(CLOSE_RESTART, "gateway restarting: resume")
             await self._server.wait_closed()
-        if self._tail_task is not None:
-            self._tail_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tail_task
+        for task in (self._tail_task, self._reader_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._pool is not None:
             await self._pool.close()
         if self._http is not None:
@@ -178,15 +236,25 @@ class Gateway:
         """Fan a page of new events out: each encoded once, the same bytes for every client."""
         self._events_read.inc(len(events))
         self._position.set(events[-1].position)
+        subscribers = self._subscribers
+        sent = 0
         for event in events:
-            clients = self._subscribers.get(event.job_id)
-            if not clients:
-                continue
-            encoded = {event.seq: encode_event(event)}
-            for client in list(clients):
-                subscription = client.subscriptions.get(event.job_id)
-                if subscription is not None:
-                    client.dispatch(event.job_id, subscription.on_live(event), encoded)
+            encoded: bytes | None = None
+            for key in (("job", event.job_id), ("project", event.project_id), LOG):
+                clients = subscribers.get(key)
+                if not clients:
+                    continue
+                if encoded is None:
+                    encoded = encode_event(event)
+                for client in list(clients):
+                    subscription = client.subscriptions.get(key)
+                    if subscription is not None:
+                        actions = subscription.on_live(event)
+                        if actions:
+                            client.dispatch(key, actions, encoded)
+                            sent += 1
+        if sent:
+            self._delivered.inc(sent)
 
     async def _process_request(
         self, connection: ServerConnection, request: Request
@@ -239,12 +307,12 @@ class Gateway:
         if authenticated is None:
             return
         principal, token = authenticated
-        assert self._eventlog is not None
+        assert self._reader is not None
         client = Client(
             connection,
             principal,
             token,
-            self._eventlog,
+            self._reader,
             max_queue=self.config.max_queue,
             page_size=self.config.page_size,
             unregister=self._unregister,
@@ -261,25 +329,32 @@ class Gateway:
             asyncio.create_task(self._heartbeats(client), name="client-heartbeat"),
             expiry,
         ]
+        self._connections.inc()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if client.overflow.is_set():
+                self._resumes.inc()
                 await connection.close(CLOSE_RESUME, "too slow: resume from your last seq")
             elif expiry in done:
                 await connection.close(
                     CLOSE_TOKEN_EXPIRED, "token expired: get a fresh one and resume"
                 )
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    exc = task.exception()
-                    if not isinstance(exc, websockets.ConnectionClosed):
-                        log.error("client connection failed", exc_info=exc)
+                if task.cancelled() or task.exception() is None:
+                    continue
+                exc = task.exception()
+                if isinstance(exc, ReaderError):
+                    log.warning("replay read failed", error=str(exc))
+                    await connection.close(CLOSE_UNAVAILABLE, "log unavailable: resume later")
+                elif not isinstance(exc, websockets.ConnectionClosed):
+                    log.error("client connection failed", exc_info=exc)
         finally:
+            self._connections.dec()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for job_id in list(client.subscriptions):
-                self._unregister(job_id, client)
+            for key in list(client.subscriptions):
+                self._unregister(key, client)
 
     async def _authenticate(self, connection: ServerConnection) -> tuple[Principal, str] | None:
         offered = _offered_token(connection)
@@ -332,32 +407,64 @@ class Gateway:
                 client.error("invalid_message", str(exc))
                 continue
             match message:
-                case Subscribe(job_id=job_id, after_seq=after_seq):
-                    if after_seq is not None and after_seq < 0:
-                        client.error("invalid_message", "afterSeq cannot be negative")
-                        continue
-                    if len(client.subscriptions) >= self.config.max_subscriptions:
-                        await client.connection.close(
-                            CLOSE_LIMIT,
-                            f"at most {self.config.max_subscriptions} subscriptions",
-                        )
+                case Subscribe():
+                    if not await self._subscribe(client, message):
                         return
-                    subscription = client.subscribe(job_id, after_seq)
-                    if subscription is None:
-                        continue
-                    # Registered before it starts: every event is then in a replay page or
-                    # arrives live (see Subscription).
-                    self._subscribers.setdefault(job_id, set()).add(client)
-                    client.dispatch(job_id, subscription.start())
                 case CancelExport(job_id=job_id):
                     await self._cancel(client, job_id)
-                case Unsubscribe(job_id=job_id):
-                    client.subscriptions.pop(job_id, None)
-                    self._unregister(job_id, client)
+                case Unsubscribe():
+                    key = stream_key(message)
+                    if isinstance(key, str):
+                        client.error("invalid_message", key)
+                    elif key not in client.subscriptions:
+                        client.error("not_subscribed", "not following that stream")
+                    else:
+                        client.drop(key)
                 case Authenticate():
                     client.error("invalid_message", "already authenticated")
                 case Ping():
                     client.send(_PONG)
+
+    async def _subscribe(self, client: Client, message: Subscribe) -> bool:
+        """Start a subscription, or answer why not; False when the client was closed."""
+        key = stream_key(message)
+        if isinstance(key, str):
+            client.error("invalid_message", key)
+            return True
+        if key[0] == "job":
+            cursor, wrong = message.after_seq, message.after_position
+            names = ("afterSeq", "afterPosition")
+        else:
+            cursor, wrong = message.after_position, message.after_seq
+            names = ("afterPosition", "afterSeq")
+        if wrong is not None:
+            client.error("invalid_message", f"{names[1]} does not apply here; use {names[0]}")
+            return True
+        if cursor is not None and cursor < 0:
+            client.error("invalid_message", f"{names[0]} cannot be negative")
+            return True
+        principal = client.principal
+        if key[0] == "project" and not principal.can_read(key[1]):
+            client.error("forbidden", f"this token may not read project {key[1]}")
+            return True
+        if key[0] == "log" and not (principal.roles & STREAM_ROLES):
+            client.error("forbidden", "following the whole log takes the service or auditor role")
+            return True
+        if key not in client.subscriptions and (
+            len(client.subscriptions) >= self.config.max_subscriptions
+        ):
+            await client.connection.close(
+                CLOSE_LIMIT, f"at most {self.config.max_subscriptions} subscriptions"
+            )
+            return False
+        subscription = client.subscribe(key, cursor)
+        if subscription is None:
+            return True
+        # Registered before it starts: every event is then in a replay page or arrives live
+        # (see Subscription).
+        self._subscribers.setdefault(key, set()).add(client)
+        client.dispatch(key, subscription.start())
+        return True
 
     async def _heartbeats(self, client: Client) -> None:
         interval = self.config.heartbeat_interval
@@ -404,9 +511,9 @@ class Gateway:
             return
         client.send(server_encoder.encode(ack))
 
-    def _unregister(self, job_id: uuid.UUID, client: Client) -> None:
-        clients = self._subscribers.get(job_id)
+    def _unregister(self, key: StreamKey, client: Client) -> None:
+        clients = self._subscribers.get(key)
         if clients is not None:
             clients.discard(client)
             if not clients:
-                del self._subscribers[job_id]
+                del self._subscribers[key]

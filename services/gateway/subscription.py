@@ -25,6 +25,11 @@ before the event was committed, so another page is read instead of going live. A
 the next expected seq means the tailer skipped something: the machine goes back to replaying from
 what it has delivered. The pump must register the subscription with the tailer before `start()`,
 so that every event is either in a page or arrives live afterwards.
+
+`StreamSubscription` is the same hand-over for a stream of many jobs (a project, the whole log),
+resumed by log position instead of seq. Positions have gaps (other projects, rolled-back
+appends), so the machine cannot see a gap; it relies on the tailer, which never skips a position
+because positions are handed out in commit order (guarantee 3).
 """
 
 from __future__ import annotations
@@ -87,7 +92,40 @@ class SendEndOfStream:
     seq: int
 
 
-Action: TypeAlias = ReadSnapshot | SendStatusSync | ReadPage | Send | SendCaughtUp | SendEndOfStream
+@dataclass(frozen=True, slots=True)
+class SendStreamSync:
+    """Send the stream's state as of log position `position` (the head when it was read)."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadStreamPage:
+    """Read at most `limit` of the stream's events above log position `after_position`, in
+    position order, then call `on_page`."""
+
+    after_position: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendStreamCaughtUp:
+    """Every event of the stream up to log position `position` has been sent."""
+
+    position: int
+
+
+Action: TypeAlias = (
+    ReadSnapshot
+    | SendStatusSync
+    | ReadPage
+    | Send
+    | SendCaughtUp
+    | SendEndOfStream
+    | SendStreamSync
+    | ReadStreamPage
+    | SendStreamCaughtUp
+)
 
 
 class SubscriptionError(Exception):
@@ -211,3 +249,94 @@ class Subscription:
     def _check_job(self, event: Event) -> None:
         if event.job_id != self.job_id:
             raise SubscriptionError(f"event of job {event.job_id}, not {self.job_id}")
+
+
+class StreamSubscription:
+    """The state machine of one client's subscription to a stream of many jobs' events.
+
+    The pump feeds it only the events of its stream (a project's, or all). The snapshot is the
+    log's head position `H` as read with the stream's state; every event at or below `H` was
+    committed before that read, so a short page read afterwards covers all of them and the
+    cursor can move to `H` even when the stream's last event is far below it."""
+
+    def __init__(self, after_position: int | None, *, page_size: int = 500) -> None:
+        """`after_position` is the client's cursor; None asks for the state only, then live."""
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        self.after_position = after_position
+        self.page_size = page_size
+        self._phase: SubscriptionPhase = "snapshot"
+        self._started = False
+        self._delivered = max(after_position or 0, 0)
+        self._head = 0
+        self._pending_limit: int | None = None
+        self._live_high = 0
+
+    @property
+    def delivered_position(self) -> int:
+        """The client's cursor: everything of the stream up to it has been sent."""
+        return self._delivered
+
+    @property
+    def phase(self) -> SubscriptionPhase:
+        return self._phase
+
+    @property
+    def reading(self) -> bool:
+        return self._pending_limit is not None
+
+    def start(self) -> list[Action]:
+        if self._started:
+            raise SubscriptionError("subscription already started")
+        self._started = True
+        return [ReadSnapshot()]
+
+    def on_snapshot(self, head: int) -> list[Action]:
+        """The stream's state was read when the log's head was at `head`."""
+        if not self._started or self._phase != "snapshot":
+            raise SubscriptionError("snapshot not asked for")
+        if head < 0:
+            raise SubscriptionError("a log position cannot be negative")
+        self._head = head
+        if self.after_position is None or self.after_position >= head:
+            # State only, or a cursor from the future (a reset log): resync to the head.
+            self._delivered = head
+        actions: list[Action] = [SendStreamSync(head)]
+        return actions + self._replay()
+
+    def on_page(self, events: Sequence[Event]) -> list[Action]:
+        """A replay page the pump read for the outstanding ReadStreamPage."""
+        limit = self._pending_limit
+        if limit is None:
+            raise SubscriptionError("page not asked for")
+        self._pending_limit = None
+        actions: list[Action] = []
+        previous = -1
+        for event in events:
+            if event.position <= previous:
+                raise SubscriptionError("a page must be in position order")
+            previous = event.position
+            if event.position <= self._delivered:
+                continue
+            actions.append(Send(event))
+            self._delivered = event.position
+        if len(events) >= limit or self._live_high > self._delivered:
+            return actions + self._replay()
+        # A short page read after the snapshot holds every event up to the snapshot's head.
+        self._delivered = max(self._delivered, self._head)
+        self._phase = "live"
+        actions.append(SendStreamCaughtUp(self._delivered))
+        return actions
+
+    def on_live(self, event: Event) -> list[Action]:
+        """A live event of this stream from the tailer, in position order."""
+        self._live_high = max(self._live_high, event.position)
+        if self._phase != "live" or event.position <= self._delivered:
+            return []
+        self._delivered = event.position
+        return [Send(event)]
+
+    def _replay(self) -> list[Action]:
+        self._phase = "replaying"
+        self._pending_limit = self.page_size
+        return [ReadStreamPage(self._delivered, self.page_size)]

@@ -15,7 +15,7 @@ from schemas.events import Cancelled, decode_event
 from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
 from tests.export.conftest import SECRET, Client, ClientFactory, auth, token
-from tests.support import wait_for
+from tests.support import unpack, wait_for
 
 
 @pytest.fixture
@@ -44,9 +44,9 @@ async def gateway(database_url: str, api: Client) -> AsyncIterator[Gateway]:
 async def next_message(ws: Any, wanted: str) -> dict[str, Any]:
     async with asyncio.timeout(10):
         while True:
-            message: dict[str, Any] = json.loads(await ws.recv())
-            if message["type"] == wanted:
-                return message
+            for message in unpack(json.loads(await ws.recv())):
+                if message["type"] == wanted:
+                    return message
 
 
 async def test_a_cancel_over_the_socket_is_acknowledged_and_then_seen(

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 import websockets
-from websockets.asyncio.client import ClientConnection
 from websockets.typing import Subprotocol
 
 from schemas.state import replay
@@ -25,61 +21,8 @@ from services.gateway.clients import (
 )
 from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
+from tests.gateway.conftest import SECRET, connect, drain, receive_until, token
 from tests.support import cancelled, new_job, progress, wait_for
-
-SECRET = "gateway-test-secret-long-enough-for-hs256"
-
-
-def token(user: str = "alice", projects: tuple[str, ...] = ("p1",)) -> str:
-    return issue_token(SECRET, user, projects=projects)
-
-
-@pytest.fixture
-async def gateway(database_url: str) -> AsyncIterator[Gateway]:
-    config = GatewayConfig(
-        database_url=database_url, port=0, jwt_secret=SECRET, poll_interval=0.5, max_queue=1000
-    )
-    gateway = Gateway(config)
-    await gateway.start()
-    await wait_for(lambda: gateway.tailer.listening and gateway.tailer.reads >= 1)
-    try:
-        yield gateway
-    finally:
-        await gateway.close()
-
-
-async def connect(
-    gateway: Gateway, user: str = "alice", projects: tuple[str, ...] = ("p1",)
-) -> ClientConnection:
-    ws = await websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws")
-    await ws.send(json.dumps({"type": "auth", "token": token(user, projects)}))
-    assert json.loads(await ws.recv())["type"] == "authenticated"
-    return ws
-
-
-async def receive_until(
-    ws: ClientConnection, done: Any, timeout: float = 10
-) -> list[dict[str, Any]]:
-    """Messages until `done(message)` holds for one (included)."""
-    messages: list[dict[str, Any]] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            message = json.loads(await ws.recv())
-            messages.append(message)
-            if done(message):
-                return messages
-
-
-async def drain(ws: ClientConnection, seen: list[int]) -> websockets.ConnectionClosed:
-    """Read event seqs into `seen` until the server closes (within 15 s); the close."""
-    async with asyncio.timeout(15):
-        while True:
-            try:
-                message = json.loads(await ws.recv())
-            except websockets.ConnectionClosed as closed:
-                return closed
-            if "eventId" in message:
-                seen.append(message["seq"])
 
 
 async def test_status_sync_replays_then_goes_live(gateway: Gateway, eventlog: EventLog) -> None:
