@@ -37,6 +37,7 @@ bench: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.jsonschema
+	$(BIN)/python -m schemas.asyncapi
 	$(BIN)/python -m services.export.openapi
 
 db-stop: $(STAMP)

@@ -61,14 +61,34 @@ def pg_server() -> Iterator[str]:
     from services.common.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(ROOT / ".data" / "pg-test", durable=False)
-    # Another session (a second `make test`) may be using this cluster: only the session that
-    # started it stops it.
-    started_here = not server.is_running()
+    # Other sessions (a second `make test`, a benchmark) may use this cluster at the same time:
+    # each one registers its pid, and the last one to leave stops the server.
+    sessions = ROOT / ".data" / "pg-test-sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    mine = sessions / str(os.getpid())
+    mine.touch()
     try:
         yield server.start()
     finally:
-        if started_here:
+        mine.unlink(missing_ok=True)
+        if not _live_sessions(sessions):
             server.stop()
+
+
+def _live_sessions(folder: Path) -> list[int]:
+    """Pids registered in `folder` whose process still runs (stale entries are removed)."""
+    live = []
+    for entry in folder.iterdir():
+        try:
+            pid = int(entry.name)
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            entry.unlink(missing_ok=True)
+        except PermissionError:
+            live.append(int(entry.name))
+        else:
+            live.append(pid)
+    return live
 
 
 @pytest.fixture(scope="session")

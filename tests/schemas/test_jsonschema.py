@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from referencing import Registry, Resource
 
 from schemas.events import (
     EVENT_CLASSES,
@@ -22,9 +23,12 @@ from schemas.events import (
     encode_event,
 )
 from schemas.jsonschema import (
+    BASE_ID,
+    CLIENT_MESSAGE_FILE,
     ENVELOPE_FILE,
     JOB_STATE_FILE,
     SCHEMA_DIR,
+    SERVER_MESSAGE_FILE,
     build_schemas,
     main,
     payload_file_name,
@@ -45,10 +49,14 @@ from tests.schemas.strategies import (
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SCHEMAS = build_schemas()
 Validator = jsonschema.Draft202012Validator
+# Every document by its $id: the message documents refer to the envelope document.
+REGISTRY: Registry[Any] = Registry().with_resources(
+    (BASE_ID + name, Resource.from_contents(doc)) for name, doc in SCHEMAS.items()
+)
 
 
 def validator(file_name: str) -> jsonschema.protocols.Validator:
-    return Validator(SCHEMAS[file_name], format_checker=Validator.FORMAT_CHECKER)
+    return Validator(SCHEMAS[file_name], registry=REGISTRY, format_checker=Validator.FORMAT_CHECKER)
 
 
 ENVELOPE = validator(ENVELOPE_FILE)
@@ -75,10 +83,13 @@ def test_the_checked_in_schemas_are_up_to_date() -> None:
     )
 
 
-def test_there_is_one_document_per_event_type_plus_envelope_and_state() -> None:
-    assert set(SCHEMAS) == {ENVELOPE_FILE, JOB_STATE_FILE} | {
-        payload_file_name(name) for name in EVENT_TYPES
-    }
+def test_there_is_one_document_per_event_type_plus_envelope_state_and_messages() -> None:
+    assert set(SCHEMAS) == {
+        ENVELOPE_FILE,
+        JOB_STATE_FILE,
+        CLIENT_MESSAGE_FILE,
+        SERVER_MESSAGE_FILE,
+    } | {payload_file_name(name) for name in EVENT_TYPES}
     assert payload_file_name("export:progress") == "progress.schema.json"
     assert payload_file_name("export:phase-changed") == "phase-changed.schema.json"
 
@@ -121,9 +132,15 @@ def test_every_document_is_a_valid_2020_12_schema(name: str) -> None:
     assert doc["title"]
     assert doc["description"]
     assert doc["type"] == "object"
-    # Every $ref resolves inside the document.
+    # Every $ref resolves inside the document, or is another of these documents (a sibling
+    # file, by its name relative to this one's $id).
     refs = set(_refs(doc))
-    assert refs <= {f"#/$defs/{d}" for d in doc.get("$defs", {})}
+    assert refs <= {f"#/$defs/{d}" for d in doc.get("$defs", {})} | set(SCHEMAS)
+    assert name in (CLIENT_MESSAGE_FILE, SERVER_MESSAGE_FILE) or refs <= {
+        f"#/$defs/{d}" for d in doc.get("$defs", {})
+    }
+    # Every $def is used.
+    assert {f"#/$defs/{d}" for d in doc.get("$defs", {})} <= refs
 
 
 def _refs(node: Any) -> list[str]:
