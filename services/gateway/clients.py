@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Literal, TypeAlias
 
 import structlog
+import websockets
 from websockets.asyncio.server import ServerConnection
 
 from schemas.events import encode_event
@@ -26,7 +28,7 @@ from schemas.wire import (
 )
 from services.common.auth import Principal
 
-from .reader import Page, Reader
+from .reader import Page, Reader, ReaderError
 from .subscription import (
     Action,
     ReadPage,
@@ -82,7 +84,11 @@ def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
 
 
 class Client:
-    """A connected, authenticated client and everything it follows."""
+    """A connected, authenticated client and everything it follows.
+
+    An idle client costs its connection, this object and one task (the writer, waiting on the
+    queue); a reader task exists only while reads are pending. Closing is asked for with
+    `close_soon` from anywhere (overflow, expiry, a failed read) and awaited by `stop`."""
 
     def __init__(
         self,
@@ -103,13 +109,50 @@ class Client:
         self._unregister = unregister
         # (bytes, is a replay frame): the writer counts the replay frames it takes.
         self.outbox: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(maxsize=max_queue)
-        self.reads: asyncio.Queue[tuple[StreamKey, Action]] = asyncio.Queue()
+        self.reads: deque[tuple[StreamKey, Action]] = deque()
         self.subscriptions: dict[StreamKey, Subscription | StreamSubscription] = {}
         self.overflowed = False
-        self.overflow = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._replay_queued = 0
         self._replay_taken = asyncio.Event()
         self._snapshot_jobs: dict[StreamKey, bytes | None] = {}
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self.write(), name="client-write")
+        self._writer.add_done_callback(self._task_done)
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close the connection with `code` (the first reason asked for wins)."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(
+                self.connection.close(code, reason), name="client-close"
+            )
+
+    async def stop(self) -> None:
+        """Stop the tasks and wait for the closing handshake (bounded by the close timeout)."""
+        tasks = [t for t in (self._writer, self._reading) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, websockets.ConnectionClosed):
+            return
+        if isinstance(exc, ReaderError):
+            log.warning("replay read failed", error=str(exc))
+            self.close_soon(CLOSE_UNAVAILABLE, "log unavailable: resume later")
+        else:
+            log.error("client connection failed", exc_info=exc)
+            self.close_soon(CLOSE_UNAVAILABLE, "internal error: resume later")
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -120,10 +163,9 @@ class Client:
         try:
             self.outbox.put_nowait((data, replay))
         except asyncio.QueueFull:
-            # Its connection handler closes it with CLOSE_RESUME; what it could not take is
-            # dropped, the log keeps it.
+            # What it could not take is dropped: the log keeps it, the client resumes.
             self.overflowed = True
-            self.overflow.set()
+            self.close_soon(CLOSE_RESUME, "too slow: resume from your last seq")
             log.info("client too slow; asking it to resume", user=self.principal.user_id)
             return
         if replay:
@@ -175,7 +217,10 @@ class Client:
                     self.send(server_encoder.encode(EndOfStream(job_id=key[1], seq=seq)))
                     self.drop(key)
                 case ReadSnapshot() | ReadPage() | ReadStreamPage():
-                    self.reads.put_nowait((key, action))
+                    self.reads.append((key, action))
+                    if self._reading is None or self._reading.done():
+                        self._reading = asyncio.create_task(self.read(), name="client-read")
+                        self._reading.add_done_callback(self._task_done)
 
     def _stream_sync(self, key: StreamKey, position: int) -> bytes:
         _, project_id, whole_log = stream_names(key)
@@ -194,9 +239,10 @@ class Client:
         self._unregister(key, self)
 
     async def read(self) -> None:
-        """The reader task: the log reads the subscriptions ask for, one at a time."""
-        while True:
-            key, action = await self.reads.get()
+        """The reader task: the log reads the subscriptions ask for, one at a time, until none
+        is left (the next read starts a new task)."""
+        while self.reads:
+            key, action = self.reads.popleft()
             subscription = self.subscriptions.get(key)
             if subscription is None:
                 continue

@@ -49,16 +49,14 @@ from .clients import (
     CLOSE_AUTH_FAILED,
     CLOSE_LIMIT,
     CLOSE_RESTART,
-    CLOSE_RESUME,
     CLOSE_TOKEN_EXPIRED,
-    CLOSE_UNAVAILABLE,
     LOG,
     SUBPROTOCOL,
     Client,
     StreamKey,
 )
 from .config import GatewayConfig
-from .reader import Reader, ReaderError
+from .reader import Reader
 from .tailer import Tailer
 
 log = structlog.get_logger(__name__)
@@ -131,6 +129,8 @@ class Gateway:
         self._eventlog: EventLog | None = None
         self._http: aiohttp.ClientSession | None = None
         self._subscribers: dict[StreamKey, set[Client]] = {}
+        self._clients: set[Client] = set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._reader: Reader | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._replay_queries = Counter(
@@ -187,6 +187,7 @@ class Gateway:
             on_query=lambda name: self._replay_queries.labels(name).inc(),
         )
         self._reader_task = asyncio.create_task(self._reader.run(), name="gateway-reader")
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="gateway-heartbeats")
         self._tailer = Tailer(
             self._eventlog,
             self.config.database_url,
@@ -229,7 +230,7 @@ class Gateway:
                 return_exceptions=True,
             )
             await self._server.wait_closed()
-        for task in (self._tail_task, self._reader_task):
+        for task in (self._tail_task, self._reader_task, self._heartbeat_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -324,44 +325,29 @@ class Gateway:
             page_size=self.config.page_size,
             unregister=self._unregister,
         )
+        client.start()
         client.send(server_encoder.encode(Authenticated(user=principal.user_id)))
-        expiry = asyncio.create_task(
-            asyncio.sleep(max(principal.expires_at - time.time(), 0.0)), name="client-expiry"
+        expiry = asyncio.get_running_loop().call_later(
+            max(principal.expires_at - time.time(), 0.0),
+            client.close_soon,
+            CLOSE_TOKEN_EXPIRED,
+            "token expired: get a fresh one and resume",
         )
-        tasks = [
-            asyncio.create_task(client.write(), name="client-write"),
-            asyncio.create_task(client.read(), name="client-read"),
-            asyncio.create_task(self._receive(client), name="client-receive"),
-            asyncio.create_task(client.overflow.wait(), name="client-overflow"),
-            asyncio.create_task(self._heartbeats(client), name="client-heartbeat"),
-            expiry,
-        ]
+        self._clients.add(client)
         self._connections.inc()
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if client.overflow.is_set():
-                self._resumes.inc()
-                await connection.close(CLOSE_RESUME, "too slow: resume from your last seq")
-            elif expiry in done:
-                await connection.close(
-                    CLOSE_TOKEN_EXPIRED, "token expired: get a fresh one and resume"
-                )
-            for task in done:
-                if task.cancelled() or task.exception() is None:
-                    continue
-                exc = task.exception()
-                if isinstance(exc, ReaderError):
-                    log.warning("replay read failed", error=str(exc))
-                    await connection.close(CLOSE_UNAVAILABLE, "log unavailable: resume later")
-                elif not isinstance(exc, websockets.ConnectionClosed):
-                    log.error("client connection failed", exc_info=exc)
+            await self._receive(client)
+        except websockets.ConnectionClosed:
+            pass
         finally:
+            expiry.cancel()
+            self._clients.discard(client)
             self._connections.dec()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if client.overflowed:
+                self._resumes.inc()
             for key in list(client.subscriptions):
                 self._unregister(key, client)
+            await client.stop()
 
     async def _authenticate(self, connection: ServerConnection) -> tuple[Principal, str] | None:
         offered = _offered_token(connection)
@@ -473,12 +459,14 @@ class Gateway:
         client.dispatch(key, subscription.start())
         return True
 
-    async def _heartbeats(self, client: Client) -> None:
+    async def _heartbeats(self) -> None:
+        """One timer for every client: each gets a heartbeat every interval."""
         interval = self.config.heartbeat_interval
         beat = server_encoder.encode(Heartbeat(interval=interval))
         while True:
             await asyncio.sleep(interval)
-            client.send(beat)
+            for client in list(self._clients):
+                client.send(beat)
 
     async def _cancel(self, client: Client, job_id: uuid.UUID) -> None:
         """Forward a cancel to the export service with the user's own token: the export service

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
 import pytest
 import websockets
+from websockets.client import ClientProtocol
+from websockets.protocol import State
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from schemas.state import replay
 from services.common.auth import issue_token
@@ -229,5 +233,32 @@ async def test_heartbeats_and_pings_let_a_browser_see_the_server_is_alive(
             await ws.send(json.dumps({"type": "ping"}))
             messages = await receive_until(ws, lambda m: m["type"] == "pong")
             assert messages[-1] == {"type": "pong"}
+    finally:
+        await gateway.close()
+
+
+async def test_a_dead_client_is_dropped_by_the_ping_timeout(database_url: str) -> None:
+    config = GatewayConfig(database_url=database_url, port=0, jwt_secret=SECRET, ping_interval=0.3)
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        # A client that completes the handshake, authenticates and then goes silent: it never
+        # reads again, so it never answers a ping (a laptop closed mid-export).
+        protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{gateway.port}/ws"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        async with asyncio.timeout(5):
+            while protocol.handshake_exc is None and protocol.state is not State.OPEN:
+                protocol.receive_data(await reader.read(4096))
+        protocol.send_text(json.dumps({"type": "auth", "token": token()}).encode())
+        writer.write(b"".join(protocol.data_to_send()))
+        await wait_for(lambda: len(gateway._server.connections) == 1 if gateway._server else False)
+        # Within two ping intervals the server gives up on it and frees the connection.
+        await wait_for(
+            lambda: len(gateway._server.connections) == 0 if gateway._server else False,
+            timeout=5,
+        )
+        writer.close()
     finally:
         await gateway.close()
