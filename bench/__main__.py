@@ -17,11 +17,12 @@ from typing import Any
 
 import structlog
 
-from . import appends
+from . import appends, fanout
 from .common import DEFAULT_RESULTS_DIR, Context, provision_server
 
 BENCHMARKS: dict[str, Callable[[Context], Awaitable[None]]] = {
     appends.NAME: appends.main,
+    fanout.NAME: fanout.main,
 }
 
 DEFAULT_SECONDS = 5.0

@@ -44,20 +44,16 @@ from services.common.queries import QUERIES
 
 from .common import (
     Context,
+    Rendered,
     Sample,
     Table,
     Window,
     busy_cores,
     connections,
     drive,
-    fresh_database,
-    idle_load,
     machine_cpu,
-    machine_info,
     pool,
-    server_info,
-    utc_timestamp,
-    write_results,
+    run_benchmark,
 )
 
 NAME = "appends"
@@ -774,13 +770,6 @@ def _notes(report: Report) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class Rendered:
-    text: str
-    markdown: str
-    payload: dict[str, Any]
-
-
 def render(
     report: Report,
     *,
@@ -886,22 +875,6 @@ async def main(ctx: Context) -> None:
     settings = Settings(
         seconds=ctx.seconds, warmup=ctx.warmup, tail_budget=max(3.0, 2 * ctx.seconds)
     )
-    started_at = utc_timestamp()
-    began = time.perf_counter()
-    async with fresh_database(ctx.server.dsn) as dsn:
-        server = await server_info(dsn)
-        load_before = await idle_load(ctx.warmup)
-        report = await measure_all(dsn, settings, progress=ctx.progress)
-        load_after = await idle_load(ctx.warmup)
-    machine = {**machine_info(), "idle_load_before": load_before, "idle_load_after": load_after}
-    rendered = render(
-        report,
-        server=server,
-        machine=machine,
-        source=ctx.server.source,
-        started_at=started_at,
-        duration_seconds=time.perf_counter() - began,
+    await run_benchmark(
+        ctx, NAME, lambda dsn: measure_all(dsn, settings, progress=ctx.progress), render
     )
-    print(rendered.text, flush=True)
-    json_path, md_path = write_results(ctx.out_dir, NAME, rendered.payload, rendered.markdown)
-    ctx.progress(f"wrote {json_path} and {md_path}")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -524,3 +524,64 @@ class Context:
     quick: bool
     out_dir: Path
     progress: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A run as terminal text, as Markdown, and as the JSON document with every figure."""
+
+    text: str
+    markdown: str
+    payload: dict[str, Any]
+
+
+ReportT = TypeVar("ReportT")
+ReportT_contra = TypeVar("ReportT_contra", contravariant=True)
+
+
+class Renderer(Protocol[ReportT_contra]):
+    def __call__(
+        self,
+        report: ReportT_contra,
+        *,
+        server: Mapping[str, Any],
+        machine: Mapping[str, Any],
+        source: str,
+        started_at: str,
+        duration_seconds: float,
+    ) -> Rendered: ...
+
+
+async def run_benchmark(
+    ctx: Context,
+    name: str,
+    measure: Callable[[str], Awaitable[ReportT]],
+    render: Renderer[ReportT],
+    machine_extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Measure in a fresh database (with the machine's idle load read before and after), print
+    the rendered tables and write `<name>.json` and `<name>.md`."""
+    started_at = utc_timestamp()
+    began = time.perf_counter()
+    async with fresh_database(ctx.server.dsn) as dsn:
+        server = await server_info(dsn)
+        load_before = await idle_load(ctx.warmup)
+        report = await measure(dsn)
+        load_after = await idle_load(ctx.warmup)
+    machine = {
+        **machine_info(),
+        **(machine_extra or {}),
+        "idle_load_before": load_before,
+        "idle_load_after": load_after,
+    }
+    rendered = render(
+        report,
+        server=server,
+        machine=machine,
+        source=ctx.server.source,
+        started_at=started_at,
+        duration_seconds=time.perf_counter() - began,
+    )
+    print(rendered.text, flush=True)
+    json_path, md_path = write_results(ctx.out_dir, name, rendered.payload, rendered.markdown)
+    ctx.progress(f"wrote {json_path} and {md_path}")

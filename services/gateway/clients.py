@@ -17,6 +17,7 @@ from typing import Literal, TypeAlias
 import structlog
 import websockets
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 
 from schemas.events import encode_event
 from schemas.wire import (
@@ -69,10 +70,6 @@ StreamKey: TypeAlias = (
 
 LOG: StreamKey = ("log", None)
 
-REPLAY_FRAMES_QUEUED = 2
-"""Replay frames a client may have queued at once: a replay waits for the client to take them
-(flow control), so a long replay neither fills the queue nor pushes live events out of it."""
-
 
 def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
     """(jobId, projectId, log): the fields that name the stream in every marker sent for it."""
@@ -86,9 +83,33 @@ def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
 class Client:
     """A connected, authenticated client and everything it follows.
 
-    An idle client costs its connection, this object and one task (the writer, waiting on the
-    queue); a reader task exists only while reads are pending. Closing is asked for with
-    `close_soon` from anywhere (overflow, expiry, a failed read) and awaited by `stop`."""
+    Sending never awaits. `send` appends to the client's pending frames and asks the gateway for
+    a flush; the gateway flushes every client with pending frames once per turn of the event
+    loop, each with one write to its socket. While the socket's buffer is over its high-water
+    mark the client is blocked: frames wait in `pending` (at most `max_queue` of them, beyond
+    which the client is closed with CLOSE_RESUME) and one task waits for the socket to drain.
+    Replays wait for it too (flow control). An idle client costs its connection, this object
+    and no task of its own; a reader task exists only while reads are pending."""
+
+    __slots__ = (
+        "_blocked",
+        "_closing",
+        "_draining",
+        "_max_queue",
+        "_page_size",
+        "_reader",
+        "_reading",
+        "_schedule",
+        "_snapshot_jobs",
+        "_unregister",
+        "connection",
+        "overflowed",
+        "pending",
+        "principal",
+        "reads",
+        "subscriptions",
+        "token",
+    )
 
     def __init__(
         self,
@@ -100,30 +121,27 @@ class Client:
         max_queue: int,
         page_size: int,
         unregister: Callable[[StreamKey, Client], None],
+        schedule: Callable[[Client], None],
     ) -> None:
         self.connection = connection
         self.principal = principal
         self.token = token
         self._reader = reader
         self._page_size = page_size
+        self._max_queue = max_queue
         self._unregister = unregister
-        # (bytes, is a replay frame): the writer counts the replay frames it takes.
-        self.outbox: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue(maxsize=max_queue)
-        self.reads: deque[tuple[StreamKey, Action]] = deque()
+        self._schedule = schedule
+        self.pending: list[bytes] | None = None
+        self.reads: deque[tuple[StreamKey, Action]] | None = None  # made when first needed
         self.subscriptions: dict[StreamKey, Subscription | StreamSubscription] = {}
         self.overflowed = False
-        self._writer: asyncio.Task[None] | None = None
+        self._blocked = False
+        self._draining: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
-        self._replay_queued = 0
-        self._replay_taken = asyncio.Event()
-        self._snapshot_jobs: dict[StreamKey, bytes | None] = {}
+        self._snapshot_jobs: dict[StreamKey, bytes | None] | None = None
 
     # -- life ------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self.write(), name="client-write")
-        self._writer.add_done_callback(self._task_done)
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close the connection with `code` (the first reason asked for wins)."""
@@ -134,7 +152,7 @@ class Client:
 
     async def stop(self) -> None:
         """Stop the tasks and wait for the closing handshake (bounded by the close timeout)."""
-        tasks = [t for t in (self._writer, self._reading) if t is not None]
+        tasks = [t for t in (self._draining, self._reading) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -156,38 +174,58 @@ class Client:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, data: bytes, *, replay: bool = False) -> None:
-        """Queue bytes for the writer; a full queue means the client cannot keep up."""
-        if self.overflowed:
-            return
-        try:
-            self.outbox.put_nowait((data, replay))
-        except asyncio.QueueFull:
+    def send(self, data: bytes) -> None:
+        """Queue one text frame; it is written at the end of this turn of the event loop."""
+        pending = self.pending
+        if pending is None:
+            if self.overflowed:
+                return
+            self.pending = [data]
+            if not self._blocked:
+                self._schedule(self)
+        elif len(pending) < self._max_queue:
+            pending.append(data)
+        elif not self.overflowed:
             # What it could not take is dropped: the log keeps it, the client resumes.
             self.overflowed = True
+            self.pending = None
             self.close_soon(CLOSE_RESUME, "too slow: resume from your last seq")
             log.info("client too slow; asking it to resume", user=self.principal.user_id)
-            return
-        if replay:
-            self._replay_queued += 1
 
     def error(self, code: str, message: str) -> None:
         self.send(server_encoder.encode(Error(code=code, message=message)))
 
-    async def write(self) -> None:
-        """The writer task: one send at a time, in queue order, as text frames."""
-        while True:
-            data, replay = await self.outbox.get()
-            if replay:
-                self._replay_queued -= 1
-                self._replay_taken.set()
-            await self.connection.send(data, text=True)
+    def flush(self) -> None:
+        """Write every pending frame with one write to the socket (unless it is blocked)."""
+        pending = self.pending
+        if pending is None or self._blocked:
+            return
+        self.pending = None
+        connection = self.connection
+        protocol = connection.protocol
+        if protocol.state is not State.OPEN:
+            return  # closing: what was pending is dropped, the client resumes
+        for data in pending:
+            protocol.send_text(data)
+        chunks = protocol.data_to_send()
+        connection.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if connection.paused:
+            self._blocked = True
+            self._draining = asyncio.create_task(self._drain(), name="client-drain")
+
+    async def _drain(self) -> None:
+        try:
+            await self.connection.drain()
+        except Exception:  # the connection is lost; its handler cleans up
+            return
+        self._blocked = False
+        self.flush()
 
     async def _send_replay(self, frame: bytes) -> None:
-        while self._replay_queued >= REPLAY_FRAMES_QUEUED and not self.overflowed:
-            self._replay_taken.clear()
-            await self._replay_taken.wait()
-        self.send(frame, replay=True)
+        """Send a replay frame once the socket has taken what came before (flow control)."""
+        while self._blocked and not self.overflowed and self._draining is not None:
+            await asyncio.shield(self._draining)
+        self.send(frame)
 
     # -- carrying out a subscription's actions ----------------------------------------------
 
@@ -217,6 +255,8 @@ class Client:
                     self.send(server_encoder.encode(EndOfStream(job_id=key[1], seq=seq)))
                     self.drop(key)
                 case ReadSnapshot() | ReadPage() | ReadStreamPage():
+                    if self.reads is None:
+                        self.reads = deque()
                     self.reads.append((key, action))
                     if self._reading is None or self._reading.done():
                         self._reading = asyncio.create_task(self.read(), name="client-read")
@@ -227,7 +267,7 @@ class Client:
         sync = server_encoder.encode(
             StatusSync(project_id=project_id, log=whole_log, position=position)
         )
-        jobs = self._snapshot_jobs.pop(key, None)
+        jobs = self._snapshot_jobs.pop(key, None) if self._snapshot_jobs else None
         if jobs is None:
             return sync
         # The projection's JSON is spliced in as stored: states are not decoded per client.
@@ -243,6 +283,8 @@ class Client:
         is left (the next read starts a new task)."""
         while self.reads:
             key, action = self.reads.popleft()
+            if not self.reads:
+                self.reads = None  # an idle client keeps no empty deque
             subscription = self.subscriptions.get(key)
             if subscription is None:
                 continue
@@ -275,6 +317,8 @@ class Client:
         assert project_id is None or isinstance(project_id, str)
         if isinstance(action, ReadSnapshot):
             snapshot = await self._reader.stream_snapshot(project_id)
+            if self._snapshot_jobs is None:
+                self._snapshot_jobs = {}
             self._snapshot_jobs[key] = snapshot.jobs_json
             self.dispatch(key, subscription.on_snapshot(snapshot.head))
         elif isinstance(action, ReadStreamPage):

@@ -12,6 +12,9 @@ class GatewayConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8081, metadata={"help": "WebSocket and HTTP port (0: a free one)"})
+    backlog: int = field(
+        default=4096, metadata={"help": "connections waiting to be accepted (the listen queue)"}
+    )
     pool_max: int = field(default=8, metadata={"help": "database connections at most"})
     poll_interval: float = field(
         default=1.0, metadata={"help": "seconds between reads of the log when no NOTIFY arrives"}

@@ -110,10 +110,12 @@ class Reader:
         *,
         snapshot_jobs: int = 200,
         on_query: Callable[[str], None] | None = None,
+        on_request: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._snapshot_jobs = snapshot_jobs
         self._on_query = on_query
+        self._on_request = on_request
         self._round = _Round()
         self._wake = asyncio.Event()
         self.queries = 0
@@ -141,6 +143,8 @@ class Reader:
 
     def _ask(self, requests: dict[Any, asyncio.Future[Any]], key: Any) -> Awaitable[Any]:
         self.requests += 1
+        if self._on_request is not None:
+            self._on_request()
         future = requests.get(key)
         if future is None:
             future = asyncio.get_running_loop().create_future()

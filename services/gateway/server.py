@@ -14,6 +14,7 @@ import http
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import aiohttp
@@ -50,6 +51,7 @@ from .clients import (
     CLOSE_LIMIT,
     CLOSE_RESTART,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_UNAVAILABLE,
     LOG,
     SUBPROTOCOL,
     Client,
@@ -84,6 +86,9 @@ def _offered_token(connection: ServerConnection) -> str | None:
                 return value.removeprefix("bearer.")
     return None
 
+
+PRINCIPAL_CACHE = 10_000
+"""Verified tokens remembered (least recently used dropped first)."""
 
 STREAM_ROLES = frozenset({"service", "auditor"})
 """Roles that may follow the whole log."""
@@ -130,6 +135,9 @@ class Gateway:
         self._http: aiohttp.ClientSession | None = None
         self._subscribers: dict[StreamKey, set[Client]] = {}
         self._clients: set[Client] = set()
+        self._principals: OrderedDict[str, Principal] = OrderedDict()
+        self._dirty: list[Client] = []
+        self._flush_scheduled = False
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._reader: Reader | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -185,6 +193,7 @@ class Gateway:
             self._pool,
             snapshot_jobs=self.config.snapshot_jobs,
             on_query=lambda name: self._replay_queries.labels(name).inc(),
+            on_request=self._replay_requests.inc,
         )
         self._reader_task = asyncio.create_task(self._reader.run(), name="gateway-reader")
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="gateway-heartbeats")
@@ -209,6 +218,9 @@ class Gateway:
             max_size=self.config.max_message_bytes,
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_interval,
+            # A reconnect storm brings thousands of connections at once: with the default
+            # queue of 100 the kernel drops SYNs and clients wait 1, 3, 7 s to retry.
+            backlog=self.config.backlog,
         )
         log.info("gateway listening", host=self.config.host, port=self.port)
 
@@ -263,6 +275,23 @@ class Gateway:
                             sent += 1
         if sent:
             self._delivered.inc(sent)
+
+    def _schedule_flush(self, client: Client) -> None:
+        """Flush `client` at the end of this turn of the loop, with every other one."""
+        self._dirty.append(client)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for client in dirty:
+            try:
+                client.flush()
+            except Exception:  # one broken connection must not stop the others' frames
+                log.exception("writing to a client failed")
+                client.close_soon(CLOSE_UNAVAILABLE, "internal error: resume later")
 
     async def _process_request(
         self, connection: ServerConnection, request: Request
@@ -324,8 +353,8 @@ class Gateway:
             max_queue=self.config.max_queue,
             page_size=self.config.page_size,
             unregister=self._unregister,
+            schedule=self._schedule_flush,
         )
-        client.start()
         client.send(server_encoder.encode(Authenticated(user=principal.user_id)))
         expiry = asyncio.get_running_loop().call_later(
             max(principal.expires_at - time.time(), 0.0),
@@ -349,11 +378,25 @@ class Gateway:
                 self._unregister(key, client)
             await client.stop()
 
+    def _verify(self, token: str) -> Principal:
+        """The token's principal. Verified principals are kept (while unexpired) by token: a
+        reconnect storm verifies each distinct token once, and its connections share one
+        Principal instead of one each."""
+        principal = self._principals.get(token)
+        if principal is not None and principal.expires_at > time.time():
+            self._principals.move_to_end(token)
+            return principal
+        principal = self._verifier.verify(token)
+        self._principals[token] = principal
+        if len(self._principals) > PRINCIPAL_CACHE:
+            self._principals.popitem(last=False)
+        return principal
+
     async def _authenticate(self, connection: ServerConnection) -> tuple[Principal, str] | None:
         offered = _offered_token(connection)
         if offered is not None:
             try:
-                return self._verifier.verify(offered), offered
+                return self._verify(offered), offered
             except AuthError as exc:
                 await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
                 return None
@@ -372,7 +415,7 @@ class Gateway:
             await connection.close(CLOSE_AUTH_FAILED, "the first message must be auth")
             return None
         try:
-            return self._verifier.verify(message.token), message.token
+            return self._verify(message.token), message.token
         except AuthError as exc:
             await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
             return None

@@ -135,6 +135,17 @@ class SubscriptionError(Exception):
 class Subscription:
     """The state machine of one client's subscription to one job's events."""
 
+    __slots__ = (
+        "_delivered",
+        "_live_high",
+        "_pending_limit",
+        "_phase",
+        "_started",
+        "after_seq",
+        "job_id",
+        "page_size",
+    )
+
     def __init__(self, job_id: UUID, after_seq: int | None, *, page_size: int = 500) -> None:
         """`after_seq` is the last seq the client saw; None asks for the state only, then live."""
         if page_size < 1:
@@ -258,6 +269,17 @@ class StreamSubscription:
     log's head position `H` as read with the stream's state; every event at or below `H` was
     committed before that read, so a short page read afterwards covers all of them and the
     cursor can move to `H` even when the stream's last event is far below it."""
+
+    __slots__ = (
+        "_delivered",
+        "_head",
+        "_live_high",
+        "_pending_limit",
+        "_phase",
+        "_started",
+        "after_position",
+        "page_size",
+    )
 
     def __init__(self, after_position: int | None, *, page_size: int = 500) -> None:
         """`after_position` is the client's cursor; None asks for the state only, then live."""
