@@ -57,6 +57,10 @@ class GatewayConfig:
     ping_interval: float = field(
         default=10.0, metadata={"help": "seconds between pings; a client silent for two is dropped"}
     )
+    close_timeout: float = field(
+        default=5.0,
+        metadata={"help": "seconds a closing handshake may take (shutdown waits at most this)"},
+    )
     heartbeat_interval: float = field(
         default=15.0,
         metadata={"help": "seconds between heartbeat messages a browser can watch for"},

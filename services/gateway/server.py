@@ -218,6 +218,7 @@ class Gateway:
             max_size=self.config.max_message_bytes,
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_interval,
+            close_timeout=self.config.close_timeout,
             # A reconnect storm brings thousands of connections at once: with the default
             # queue of 100 the kernel drops SYNs and clients wait 1, 3, 7 s to retry.
             backlog=self.config.backlog,

@@ -19,6 +19,7 @@ from services.common.eventlog import EventLog
 from services.gateway.clients import (
     CLOSE_AUTH_FAILED,
     CLOSE_LIMIT,
+    CLOSE_RESTART,
     CLOSE_RESUME,
     CLOSE_TOKEN_EXPIRED,
     SUBPROTOCOL,
@@ -237,28 +238,62 @@ async def test_heartbeats_and_pings_let_a_browser_see_the_server_is_alive(
         await gateway.close()
 
 
+async def silent_client(gateway: Gateway) -> asyncio.StreamWriter:
+    """A client that completes the handshake, authenticates and then goes silent: it never
+    reads again, so it answers neither pings nor a closing handshake (a laptop shut
+    mid-export)."""
+    protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{gateway.port}/ws"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    async with asyncio.timeout(5):
+        while protocol.handshake_exc is None and protocol.state is not State.OPEN:
+            protocol.receive_data(await reader.read(4096))
+    protocol.send_text(json.dumps({"type": "auth", "token": token()}).encode())
+    writer.write(b"".join(protocol.data_to_send()))
+    return writer
+
+
+def open_connections(gateway: Gateway) -> int:
+    server = gateway._server
+    return len(server.connections) if server is not None else 0
+
+
 async def test_a_dead_client_is_dropped_by_the_ping_timeout(database_url: str) -> None:
     config = GatewayConfig(database_url=database_url, port=0, jwt_secret=SECRET, ping_interval=0.3)
     gateway = Gateway(config)
     await gateway.start()
     try:
-        # A client that completes the handshake, authenticates and then goes silent: it never
-        # reads again, so it never answers a ping (a laptop closed mid-export).
-        protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{gateway.port}/ws"))
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        protocol.send_request(protocol.connect())
-        writer.write(b"".join(protocol.data_to_send()))
-        async with asyncio.timeout(5):
-            while protocol.handshake_exc is None and protocol.state is not State.OPEN:
-                protocol.receive_data(await reader.read(4096))
-        protocol.send_text(json.dumps({"type": "auth", "token": token()}).encode())
-        writer.write(b"".join(protocol.data_to_send()))
-        await wait_for(lambda: len(gateway._server.connections) == 1 if gateway._server else False)
+        writer = await silent_client(gateway)
+        await wait_for(lambda: open_connections(gateway) == 1)
         # Within two ping intervals the server gives up on it and frees the connection.
-        await wait_for(
-            lambda: len(gateway._server.connections) == 0 if gateway._server else False,
-            timeout=5,
-        )
+        await wait_for(lambda: open_connections(gateway) == 0, timeout=5)
         writer.close()
     finally:
         await gateway.close()
+
+
+async def test_shutdown_closes_clients_with_1012_within_the_close_timeout(
+    database_url: str, eventlog: EventLog
+) -> None:
+    config = GatewayConfig(database_url=database_url, port=0, jwt_secret=SECRET, close_timeout=0.5)
+    gateway = Gateway(config)
+    await gateway.start()
+    job_id = await new_job(eventlog)
+    silent = [await silent_client(gateway) for _ in range(3)]
+    live = [await connect(gateway) for _ in range(3)]
+    for ws in live:
+        await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id)}))
+        await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+    await wait_for(lambda: open_connections(gateway) == 6)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(gateway.close(), 10)
+    # The silent clients never answer the closing handshake: the close timeout bounds it.
+    assert loop.time() - began < 3
+    for ws in live:
+        closed = await drain(ws, [])
+        assert closed.rcvd is not None
+        assert closed.rcvd.code == CLOSE_RESTART
+    for writer in silent:
+        writer.close()
