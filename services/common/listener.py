@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
+from .timing import wait_event
+
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[str], None]
@@ -66,9 +68,7 @@ class Listener:
                 self.connected = True
                 self._on_connected()
                 while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), self._keepalive)
-                    except TimeoutError:
+                    if not await wait_event(closed, self._keepalive):
                         # A connection that died without a word (a cut network) shows here.
                         await conn.execute("SELECT 1", timeout=5)
                 log.warning("LISTEN connection lost; reconnecting", listener=self._name)

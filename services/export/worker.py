@@ -51,6 +51,7 @@ from schemas.state import JobState
 from services.common.eventlog import ConflictError, EventLog, JobClosedError, NewEvent
 from services.common.listener import Listener
 from services.common.queries import QUERIES
+from services.common.timing import wait_event, within
 
 from .config import ExportConfig
 from .pipeline import ExportPipeline, PipelineCancelled, PipelineError, stage_weights
@@ -160,8 +161,7 @@ class Worker:
         ]
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._config.poll_interval)
+                await wait_event(self._wake, self._config.poll_interval)
                 self._wake.clear()
                 try:
                     await self._claim()
@@ -423,7 +423,7 @@ class Worker:
         while True:
             report: _Report | bool | None
             try:
-                report = await asyncio.wait_for(reports.get(), 0.25)
+                report = await within(reports.get(), 0.25)
             except TimeoutError:
                 report = False  # nothing new: maybe a heartbeat is due
             if report is None:

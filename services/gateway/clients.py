@@ -9,6 +9,7 @@ everything it missed). Live events arrive already encoded: one encoding per even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -71,6 +72,31 @@ StreamKey: TypeAlias = (
 LOG: StreamKey = ("log", None)
 
 
+FLUSH_AT = 256
+"""Frames pending for one client that are written at once rather than at the turn's end."""
+
+
+async def close_connection(
+    connection: ServerConnection, code: int, reason: str, timeout: float
+) -> None:
+    """Close with `code`, waiting at most `timeout` for the client's part of the handshake.
+
+    `ServerConnection.close()` first waits for the socket to take the close frame, and a client
+    that has stopped reading never lets it: a slow client, the very one being closed, would
+    hold its handler (and a shutdown) for as long as it stays frozen. Here the close frame is
+    written without waiting, and the connection is aborted when the client does not answer."""
+    if connection.protocol.state is State.OPEN:
+        with contextlib.suppress(Exception):
+            connection.protocol.send_close(code, reason)
+            connection.send_data()
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.wait_closed()
+    except TimeoutError:
+        connection.transport.abort()
+        await connection.wait_closed()
+
+
 def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
     """(jobId, projectId, log): the fields that name the stream in every marker sent for it."""
     if key[0] == "job":
@@ -85,17 +111,21 @@ class Client:
 
     Sending never awaits. `send` appends to the client's pending frames and asks the gateway for
     a flush; the gateway flushes every client with pending frames once per turn of the event
-    loop, each with one write to its socket. While the socket's buffer is over its high-water
-    mark the client is blocked: frames wait in `pending` (at most `max_queue` of them, beyond
-    which the client is closed with CLOSE_RESUME) and one task waits for the socket to drain.
-    Replays wait for it too (flow control). An idle client costs its connection, this object
+    loop, each with one write to its socket (a burst is written as it builds up). While the
+    socket's buffer is over its high-water mark the client is blocked: frames wait in `pending`
+    (at most `max_queue` of them and `max_queue_bytes`, beyond which the client is closed with
+    CLOSE_RESUME) and one task waits for the socket to drain. Reads wait for it too before they
+    send (flow control). An idle client costs its connection, this object
     and no task of its own; a reader task exists only while reads are pending."""
 
     __slots__ = (
         "_blocked",
+        "_close_timeout",
         "_closing",
         "_draining",
+        "_flush_at",
         "_max_queue",
+        "_max_queue_bytes",
         "_page_size",
         "_reader",
         "_reading",
@@ -103,8 +133,10 @@ class Client:
         "_snapshot_jobs",
         "_unregister",
         "connection",
+        "lost",
         "overflowed",
         "pending",
+        "pending_bytes",
         "principal",
         "reads",
         "subscriptions",
@@ -119,6 +151,8 @@ class Client:
         reader: Reader,
         *,
         max_queue: int,
+        max_queue_bytes: int = 4 * 1024 * 1024,
+        close_timeout: float = 5.0,
         page_size: int,
         unregister: Callable[[StreamKey, Client], None],
         schedule: Callable[[Client], None],
@@ -132,7 +166,15 @@ class Client:
         self._unregister = unregister
         self._schedule = schedule
         self.pending: list[bytes] | None = None
-        self.reads: deque[tuple[StreamKey, Action]] | None = None  # made when first needed
+        self.pending_bytes = 0
+        self.lost = False
+        self._max_queue_bytes = max_queue_bytes
+        self._close_timeout = close_timeout
+        # Only a client whose socket is full can overflow: before that, a burst is written.
+        self._flush_at = min(FLUSH_AT, max_queue)
+        self.reads: deque[tuple[StreamKey, Subscription | StreamSubscription, Action]] | None = (
+            None  # made when first needed
+        )
         self.subscriptions: dict[StreamKey, Subscription | StreamSubscription] = {}
         self.overflowed = False
         self._blocked = False
@@ -147,7 +189,8 @@ class Client:
         """Close the connection with `code` (the first reason asked for wins)."""
         if self._closing is None:
             self._closing = asyncio.create_task(
-                self.connection.close(code, reason), name="client-close"
+                close_connection(self.connection, code, reason, self._close_timeout),
+                name="client-close",
             )
 
     async def stop(self) -> None:
@@ -175,20 +218,26 @@ class Client:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Queue one text frame; it is written at the end of this turn of the event loop."""
+        """Queue one text frame; it is written at the end of this turn of the event loop (or
+        at once when many are waiting and the socket takes them)."""
+        if self.overflowed:
+            return
         pending = self.pending
         if pending is None:
-            if self.overflowed:
-                return
             self.pending = [data]
+            self.pending_bytes = len(data)
             if not self._blocked:
                 self._schedule(self)
-        elif len(pending) < self._max_queue:
-            pending.append(data)
-        elif not self.overflowed:
+            return
+        pending.append(data)
+        self.pending_bytes += len(data)
+        if not self._blocked and len(pending) >= self._flush_at:
+            self.flush()  # a burst: write now rather than hold it all until the turn ends
+        elif len(pending) > self._max_queue or self.pending_bytes > self._max_queue_bytes:
             # What it could not take is dropped: the log keeps it, the client resumes.
             self.overflowed = True
             self.pending = None
+            self.pending_bytes = 0
             self.close_soon(CLOSE_RESUME, "too slow: resume from your last seq")
             log.info("client too slow; asking it to resume", user=self.principal.user_id)
 
@@ -201,6 +250,7 @@ class Client:
         if pending is None or self._blocked:
             return
         self.pending = None
+        self.pending_bytes = 0
         connection = self.connection
         protocol = connection.protocol
         if protocol.state is not State.OPEN:
@@ -216,16 +266,24 @@ class Client:
     async def _drain(self) -> None:
         try:
             await self.connection.drain()
-        except Exception:  # the connection is lost; its handler cleans up
-            return
-        self._blocked = False
-        self.flush()
+        except Exception:
+            # The connection is lost: nothing more can be written; its handler cleans up.
+            self.lost = True
+            self.pending = None
+            self.pending_bytes = 0
+        finally:
+            self._blocked = False
+        if not self.lost:
+            self.flush()
 
-    async def _send_replay(self, frame: bytes) -> None:
-        """Send a replay frame once the socket has taken what came before (flow control)."""
-        while self._blocked and not self.overflowed and self._draining is not None:
-            await asyncio.shield(self._draining)
-        self.send(frame)
+    async def _writable(self) -> bool:
+        """Wait until the socket has taken what was written before; False if it never will."""
+        while self._blocked:
+            draining = self._draining
+            if draining is None or draining.done():
+                break
+            await asyncio.shield(draining)
+        return not (self.lost or self.overflowed) and (self.connection.protocol.state is State.OPEN)
 
     # -- carrying out a subscription's actions ----------------------------------------------
 
@@ -255,9 +313,14 @@ class Client:
                     self.send(server_encoder.encode(EndOfStream(job_id=key[1], seq=seq)))
                     self.drop(key)
                 case ReadSnapshot() | ReadPage() | ReadStreamPage():
+                    subscription = self.subscriptions.get(key)
+                    if subscription is None:
+                        continue
                     if self.reads is None:
                         self.reads = deque()
-                    self.reads.append((key, action))
+                    # The read remembers whose it is: a stream unsubscribed and subscribed
+                    # again while it runs gets a new machine, which must not see its answer.
+                    self.reads.append((key, subscription, action))
                     if self._reading is None or self._reading.done():
                         self._reading = asyncio.create_task(self.read(), name="client-read")
                         self._reading.add_done_callback(self._task_done)
@@ -274,19 +337,27 @@ class Client:
         return sync[:-1] + b',"jobs":' + jobs + b"}"
 
     def drop(self, key: StreamKey) -> None:
-        """Forget a subscription (ended, unsubscribed, refused)."""
-        self.subscriptions.pop(key, None)
+        """Forget a subscription (ended, unsubscribed, refused), and the reads it had queued."""
+        subscription = self.subscriptions.pop(key, None)
         self._unregister(key, self)
+        if subscription is not None and self.reads:
+            self.reads = deque(r for r in self.reads if r[1] is not subscription) or None
+
+    def _current(self, key: StreamKey, subscription: Subscription | StreamSubscription) -> bool:
+        return self.subscriptions.get(key) is subscription
 
     async def read(self) -> None:
         """The reader task: the log reads the subscriptions ask for, one at a time, until none
-        is left (the next read starts a new task)."""
+        is left (the next read starts a new task).
+
+        After each read it waits until the socket has taken what was sent before (flow
+        control), and only then feeds the answer to the machine and sends what comes of it,
+        with no wait in between: a live event can never get ahead of the replay it follows."""
         while self.reads:
-            key, action = self.reads.popleft()
+            key, subscription, action = self.reads.popleft()
             if not self.reads:
                 self.reads = None  # an idle client keeps no empty deque
-            subscription = self.subscriptions.get(key)
-            if subscription is None:
+            if not self._current(key, subscription):
                 continue
             if isinstance(subscription, Subscription):
                 assert key[0] == "job"
@@ -299,6 +370,8 @@ class Client:
     ) -> None:
         if isinstance(action, ReadSnapshot):
             state = await self._reader.job_state(job_id)
+            if not await self._writable() or not self._current(key, subscription):
+                return
             if state is None or not self.principal.can_read(state.project_id):
                 # The same answer for "no such job" and "not yours": existence is not
                 # revealed. Nothing of the job was sent: live events wait for the snapshot.
@@ -308,7 +381,9 @@ class Client:
             self.dispatch(key, subscription.on_snapshot(state))
         elif isinstance(action, ReadPage):
             page = await self._reader.job_page(job_id, action.after_seq, action.limit)
-            await self._replay(key, page, subscription.on_page(page.events))
+            if not await self._writable() or not self._current(key, subscription):
+                return
+            self._replay(key, page, subscription.on_page(page.events))
 
     async def _read_stream(
         self, key: StreamKey, subscription: StreamSubscription, action: Action
@@ -317,20 +392,24 @@ class Client:
         assert project_id is None or isinstance(project_id, str)
         if isinstance(action, ReadSnapshot):
             snapshot = await self._reader.stream_snapshot(project_id)
+            if not await self._writable() or not self._current(key, subscription):
+                return
             if self._snapshot_jobs is None:
                 self._snapshot_jobs = {}
             self._snapshot_jobs[key] = snapshot.jobs_json
             self.dispatch(key, subscription.on_snapshot(snapshot.head))
         elif isinstance(action, ReadStreamPage):
             page = await self._reader.stream_page(project_id, action.after_position, action.limit)
-            await self._replay(key, page, subscription.on_page(page.events))
+            if not await self._writable() or not self._current(key, subscription):
+                return
+            self._replay(key, page, subscription.on_page(page.events))
 
-    async def _replay(self, key: StreamKey, page: Page, actions: list[Action]) -> None:
-        """Send a page's new events as one frame (paced), then the machine's other actions."""
+    def _replay(self, key: StreamKey, page: Page, actions: list[Action]) -> None:
+        """Send a page's new events as one frame, then the machine's other actions."""
         sends = [a for a in actions if isinstance(a, Send)]
         if sends:
             first = page.events.index(sends[0].event)
-            await self._send_replay(page.frame(first, first + len(sends)))
+            self.send(page.frame(first, first + len(sends)))
         self.dispatch(key, [a for a in actions if not isinstance(a, Send)])
 
     def subscribe(

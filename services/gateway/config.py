@@ -32,7 +32,19 @@ class GatewayConfig:
         metadata={"help": "the export service's base URL, where cancels are forwarded"},
     )
     max_queue: int = field(
-        default=1000, metadata={"help": "messages queued for one client before it must resume"}
+        default=1000,
+        metadata={"help": "messages waiting for one client whose socket is full, before 4008"},
+    )
+    max_queue_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "bytes waiting for one client whose socket is full, before 4008"},
+    )
+    send_buffer: int = field(
+        default=128 * 1024,
+        metadata={
+            "help": "kernel send buffer of each connection (bytes): bounds what a stalled "
+            "client holds in the kernel, and how soon it counts as slow"
+        },
     )
     page_size: int = field(
         default=200, metadata={"help": "events per replay read, and per export:replay frame"}

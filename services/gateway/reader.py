@@ -26,6 +26,7 @@ from uuid import UUID
 
 import asyncpg
 import msgspec
+import structlog
 
 from schemas.events import Event, encode_event
 from schemas.state import JobState
@@ -34,6 +35,12 @@ from services.common.eventlog import event_from_row
 from services.common.queries import QUERIES
 
 _state_decoder = msgspec.json.Decoder(JobState)
+log = structlog.get_logger(__name__)
+
+QUERY_TIMEOUT = 30.0
+"""Seconds a replay query (or the wait for a connection) may take before its askers fail."""
+RANGES_PER_QUERY = 500
+"""Seq ranges read by one query; with pages of a few hundred events, a bounded result."""
 
 
 class ReaderError(Exception):
@@ -186,23 +193,31 @@ class Reader:
             parts.append(self._read_log_pages(log_pages))
         try:
             await asyncio.gather(*parts)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except asyncio.CancelledError:
+            for future in current.futures():
+                if not future.done():
+                    future.set_exception(ReaderError("the gateway is shutting down"))
+            raise
+        except Exception as exc:
+            # Whatever went wrong (the database, a row this version cannot read), it fails
+            # this round's askers, who reconnect and resume; the reader goes on.
+            if not isinstance(
+                exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+            ):
+                log.exception("a replay read failed")
             failure = ReaderError(f"reading the log failed: {type(exc).__name__}")
             for future in current.futures():
                 if not future.done():
                     future.set_exception(failure)
-        except BaseException:
-            for future in current.futures():
-                if not future.done():
-                    future.cancel()
-            raise
 
     async def _fetch(self, name: str, *args: object) -> list[asyncpg.Record]:
         self.queries += 1
         if self._on_query is not None:
             self._on_query(name)
-        async with self._pool.acquire() as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(QUERIES[name], *args)
+        async with self._pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                QUERIES[name], *args, timeout=QUERY_TIMEOUT
+            )
         return rows
 
     async def _read_states(self, wanted: dict[UUID, asyncio.Future[JobState | None]]) -> None:
@@ -225,7 +240,13 @@ class Reader:
                 job_ids.append(job_id)
                 afters.append(after)
                 uptos.append(upto)
-        rows = await self._fetch("job_ranges", job_ids, afters, uptos)
+        rows: list[asyncpg.Record] = []
+        # Bounded queries: a storm at thousands of cursors is read a slice of ranges at a time.
+        for start in range(0, len(job_ids), RANGES_PER_QUERY):
+            stop = start + RANGES_PER_QUERY
+            rows += await self._fetch(
+                "job_ranges", job_ids[start:stop], afters[start:stop], uptos[start:stop]
+            )
         read: dict[UUID, list[Event]] = defaultdict(list)
         encoded: dict[UUID, list[bytes]] = defaultdict(list)
         for row in rows:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http
 import json
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from schemas.wire import (
 from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
+from services.common.timing import within
 
 from .clients import (
     CLOSE_AUTH_FAILED,
@@ -56,6 +58,7 @@ from .clients import (
     SUBPROTOCOL,
     Client,
     StreamKey,
+    close_connection,
 )
 from .config import GatewayConfig
 from .reader import Reader
@@ -106,6 +109,23 @@ def stream_key(message: Subscribe | Unsubscribe) -> StreamKey | str:
             return "projectId cannot be empty"
         return ("project", message.project_id)
     return LOG
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    """A background task must run until close(); if one ends, say so (readiness fails too)."""
+    if task.cancelled():
+        return
+    log.error("gateway task stopped", task=task.get_name(), exc_info=task.exception())
+
+
+def _limit_send_buffer(connection: ServerConnection, size: int) -> None:
+    """Cap the kernel's send buffer of one connection. Left to autotuning it grows to megabytes
+    per stalled client, which would both hold that much memory and hide a client that has
+    stopped reading from the gateway's flow control for just as long."""
+    sock = connection.transport.get_extra_info("socket")
+    if sock is not None and size > 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _json(status: http.HTTPStatus, body: object) -> Response:
@@ -205,6 +225,9 @@ class Gateway:
             poll_interval=self.config.poll_interval,
         )
         self._tail_task = asyncio.create_task(self._tailer.run(), name="gateway-tailer")
+        for task in (self._tail_task, self._reader_task, self._heartbeat_task):
+            if task is not None:
+                task.add_done_callback(_report_death)
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -233,16 +256,29 @@ class Gateway:
         if self._server is not None:
             # Clients are told to reconnect (to another replica) and resume: nothing is lost.
             self._server.close(close_connections=False)
+            timeout = self.config.close_timeout
             # All at once: thousands of closing handshakes one after the other would take
-            # minutes. Each is bounded by the connection's close timeout.
-            await asyncio.gather(
-                *(
-                    connection.close(CLOSE_RESTART, "gateway restarting: resume")
-                    for connection in list(self._server.connections)
-                ),
-                return_exceptions=True,
-            )
-            await self._server.wait_closed()
+            # minutes; each is bounded by the close timeout. Again until none is left open: a
+            # handshake that was completing while the first round started is not in it.
+            while connections := list(self._server.connections):
+                await asyncio.gather(
+                    *(
+                        close_connection(
+                            connection, CLOSE_RESTART, "gateway restarting: resume", timeout
+                        )
+                        for connection in connections
+                    ),
+                    return_exceptions=True,
+                )
+            try:
+                async with asyncio.timeout(timeout + 1.0):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                # Connections stuck in a closing handshake the client never finishes (it stopped
+                # reading, say) would hold the shutdown: cut them.
+                for client in list(self._clients):
+                    client.connection.transport.abort()
+                await self._server.wait_closed()
         for task in (self._tail_task, self._reader_task, self._heartbeat_task):
             if task is not None:
                 task.cancel()
@@ -333,6 +369,17 @@ class Gateway:
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 {"error": {"code": "migrations_pending", "message": f"not applied: {pending}"}},
             )
+        tasks = {
+            "tailer": self._tail_task,
+            "reader": self._reader_task,
+            "heartbeats": self._heartbeat_task,
+        }
+        stopped = [name for name, task in tasks.items() if task is None or task.done()]
+        if stopped:
+            return _json(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": {"code": "stopped", "message": f"stopped: {', '.join(stopped)}"}},
+            )
         if self._tailer is None or not self._tailer.listening:
             return _json(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -345,6 +392,7 @@ class Gateway:
         if authenticated is None:
             return
         principal, token = authenticated
+        _limit_send_buffer(connection, self.config.send_buffer)
         assert self._reader is not None
         client = Client(
             connection,
@@ -352,6 +400,8 @@ class Gateway:
             token,
             self._reader,
             max_queue=self.config.max_queue,
+            max_queue_bytes=self.config.max_queue_bytes,
+            close_timeout=self.config.close_timeout,
             page_size=self.config.page_size,
             unregister=self._unregister,
             schedule=self._schedule_flush,
@@ -393,32 +443,35 @@ class Gateway:
             self._principals.popitem(last=False)
         return principal
 
+    async def _close(self, connection: ServerConnection, code: int, reason: str) -> None:
+        await close_connection(connection, code, reason, self.config.close_timeout)
+
     async def _authenticate(self, connection: ServerConnection) -> tuple[Principal, str] | None:
         offered = _offered_token(connection)
         if offered is not None:
             try:
                 return self._verify(offered), offered
             except AuthError as exc:
-                await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
+                await self._close(connection, CLOSE_AUTH_FAILED, str(exc)[:120])
                 return None
         try:
-            raw = await asyncio.wait_for(connection.recv(), self.config.auth_timeout)
+            raw = await within(connection.recv(), self.config.auth_timeout)
             message = client_decoder.decode(raw)
         except TimeoutError:
-            await connection.close(CLOSE_AUTH_FAILED, "authenticate first")
+            await self._close(connection, CLOSE_AUTH_FAILED, "authenticate first")
             return None
         except msgspec.DecodeError as exc:
-            await connection.close(CLOSE_AUTH_FAILED, f"invalid message: {exc}"[:120])
+            await self._close(connection, CLOSE_AUTH_FAILED, f"invalid message: {exc}"[:120])
             return None
         except websockets.ConnectionClosed:
             return None
         if not isinstance(message, Authenticate):
-            await connection.close(CLOSE_AUTH_FAILED, "the first message must be auth")
+            await self._close(connection, CLOSE_AUTH_FAILED, "the first message must be auth")
             return None
         try:
             return self._verify(message.token), message.token
         except AuthError as exc:
-            await connection.close(CLOSE_AUTH_FAILED, str(exc)[:120])
+            await self._close(connection, CLOSE_AUTH_FAILED, str(exc)[:120])
             return None
 
     async def _receive(self, client: Client) -> None:
@@ -435,7 +488,7 @@ class Gateway:
             )
             last = now
             if allowance < 1.0:
-                await client.connection.close(CLOSE_LIMIT, "too many messages")
+                await self._close(client.connection, CLOSE_LIMIT, "too many messages")
                 return
             allowance -= 1.0
             try:
@@ -490,8 +543,10 @@ class Gateway:
         if key not in client.subscriptions and (
             len(client.subscriptions) >= self.config.max_subscriptions
         ):
-            await client.connection.close(
-                CLOSE_LIMIT, f"at most {self.config.max_subscriptions} subscriptions"
+            await self._close(
+                client.connection,
+                CLOSE_LIMIT,
+                f"at most {self.config.max_subscriptions} subscriptions",
             )
             return False
         subscription = client.subscribe(key, cursor)

@@ -8,7 +8,6 @@ reconnect of the listener. Each wake-up costs one query per page of new events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import asyncpg
@@ -18,6 +17,7 @@ from schemas.events import Event
 from services.common.eventlog import EventLog
 from services.common.listener import Listener
 from services.common.notifier import CHANNEL
+from services.common.timing import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +68,7 @@ class Tailer:
 
     async def _read_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            await wait_event(self._wake, self._poll_interval)
             self._wake.clear()
             try:
                 await self._drain()

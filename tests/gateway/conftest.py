@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,3 +74,22 @@ async def drain(ws: ClientConnection, seen: list[int]) -> websockets.ConnectionC
             except websockets.ConnectionClosed as closed:
                 return closed
             seen += [message["seq"] for message in messages if "eventId" in message]
+
+
+async def connect_stalling(gateway: Gateway, user: str = "alice") -> ClientConnection:
+    """A client that reads only when the test says so: a small receive buffer, and no messages
+    buffered ahead, so that the gateway sees a full socket soon after it stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+    ws = await websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws", sock=sock, max_queue=1)
+    await ws.send(json.dumps({"type": "auth", "token": token(user)}))
+    assert json.loads(await ws.recv())["type"] == "authenticated"
+    return ws
+
+
+def slow_clients_closed(gateway: Gateway) -> float:
+    """How many clients the gateway has closed for falling behind (its metric)."""
+    value = gateway.registry.get_sample_value("gateway_slow_clients_closed_total")
+    return value or 0.0
