@@ -49,6 +49,8 @@ class ChainLink(msgspec.Struct, frozen=True, kw_only=True):
     """The payload's JSON text exactly as stored."""
     prev_hash: bytes
     hash: bytes
+    position: int | None = None
+    """Where the event sits in the log; not hashed (the database assigns it), only reported."""
 
 
 def event_hash(prev_hash: bytes, link: ChainLink) -> bytes:
@@ -78,37 +80,60 @@ class BrokenLink(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     seq: int
     event_id: UUID | None
     reason: str
+    position: int | None = None
+    """The log position of the event named, when there is one (not for a missing event)."""
 
 
-def verify_chain(
-    links: list[ChainLink], *, expected_last_seq: int | None = None
-) -> BrokenLink | None:
-    """Check a job's events from seq 1 in order; return the first broken link, or None.
+def check_link(link: ChainLink, prev_seq: int, prev_hash: bytes) -> BrokenLink | None:
+    """Check one event against the one before it (`prev_seq`, `prev_hash`); None if it holds.
 
     A link is broken when its seq is not the next one (an event removed), its `prev_hash` is not
     the previous event's hash (an event removed or re-chained), or its hash does not match its
-    fields (an event altered). `expected_last_seq`, when known from elsewhere (the jobs
-    projection), also catches events removed from the end.
+    fields (an event altered).
     """
-    prev = GENESIS_HASH
-    seq = 0
+    if link.seq != prev_seq + 1:
+        return BrokenLink(
+            seq=prev_seq + 1,
+            event_id=None,
+            reason=f"event {prev_seq + 1} is missing (next is {link.seq})",
+        )
+    if link.prev_hash != prev_hash:
+        return BrokenLink(
+            seq=link.seq,
+            event_id=link.event_id,
+            reason="prev_hash does not match the previous event",
+            position=link.position,
+        )
+    if event_hash(prev_hash, link) != link.hash:
+        return BrokenLink(
+            seq=link.seq,
+            event_id=link.event_id,
+            reason="hash does not match the stored fields",
+            position=link.position,
+        )
+    return None
+
+
+def verify_chain(
+    links: list[ChainLink],
+    *,
+    expected_last_seq: int | None = None,
+    after_seq: int = 0,
+    anchor: bytes = GENESIS_HASH,
+) -> BrokenLink | None:
+    """Check a job's events in seq order; return the first broken link, or None.
+
+    From seq 1 by default. `after_seq` and `anchor` start the check later: the first link must
+    then be event `after_seq + 1` and follow `anchor`, the hash of event `after_seq` as trusted
+    from elsewhere. `expected_last_seq`, when known from elsewhere (the jobs projection), also
+    catches events removed from the end.
+    """
+    prev = anchor
+    seq = after_seq
     for link in links:
-        if link.seq != seq + 1:
-            return BrokenLink(
-                seq=seq + 1,
-                event_id=None,
-                reason=f"event {seq + 1} is missing (next is {link.seq})",
-            )
-        if link.prev_hash != prev:
-            return BrokenLink(
-                seq=link.seq,
-                event_id=link.event_id,
-                reason="prev_hash does not match the previous event",
-            )
-        if event_hash(prev, link) != link.hash:
-            return BrokenLink(
-                seq=link.seq, event_id=link.event_id, reason="hash does not match the stored fields"
-            )
+        broken = check_link(link, seq, prev)
+        if broken is not None:
+            return broken
         prev = link.hash
         seq = link.seq
     if expected_last_seq is not None and seq < expected_last_seq:

@@ -5,6 +5,11 @@ exportlog run                 PostgreSQL (embedded unless DATABASE_URL is set), 
 exportlog db start|stop|url   the embedded PostgreSQL in the data folder
 exportlog migrate             apply migrations to DATABASE_URL (or the embedded server)
 exportlog verify JOB_ID       recompute a job's hash chain and name its first broken link
+exportlog verify --from N     the same for every job in a range of log positions
+exportlog start PROJECT       queue an export and show its progress (a running stack)
+exportlog cancel PROJECT JOB  cancel an export and wait for it to stop
+exportlog follow ...          print a job's, a project's or the log's events as they happen
+exportlog history PROJECT     a project's exports, or (--job) one export's timeline
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import aiohttp
 import asyncpg
 import msgspec
 
+from schemas.events import AnnotationFormat
 from services.common.auth import issue_token
 from services.common.db import create_pool, migrate
 from services.common.eventlog import EventLog
@@ -45,6 +52,15 @@ class CliConfig:
     export_port: int = field(default=8080, metadata={"help": "export service port for `run`"})
     gateway_port: int = field(default=8081, metadata={"help": "gateway port for `run`"})
     host: str = field(default="127.0.0.1", metadata={"help": "address the services listen on"})
+    url: str = field(
+        default="http://127.0.0.1:8080", metadata={"help": "the export service, for commands"}
+    )
+    gateway_url: str = field(
+        default="ws://127.0.0.1:8081/ws", metadata={"help": "the gateway, for commands"}
+    )
+    token: str = field(
+        default="", metadata={"fallback": "TOKEN", "help": "bearer token for commands"}
+    )
 
 
 def _embedded(config: CliConfig):  # type: ignore[no-untyped-def]
@@ -225,6 +241,54 @@ async def _verify(config: CliConfig, job_id: uuid.UUID) -> int:
     return 0 if report.ok else 1
 
 
+async def _verify_range(config: CliConfig, first: int, last: int | None) -> int:
+    """Verify positions first..last (default: the head); exit 1 on a broken link."""
+    dsn, _server = _database_url(config)
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        log = EventLog(pool)
+        report = await log.verify_range(first, last if last is not None else 2**63 - 1)
+    finally:
+        await pool.close()
+    print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    return 0 if report.ok else 1
+
+
+def _user_command(args: argparse.Namespace, config: CliConfig) -> int:
+    from services import usercli
+
+    if not config.token:
+        print("exportlog: set EXPORTLOG_TOKEN (or TOKEN, as `make run` prints it)", file=sys.stderr)
+        return usercli.EXIT_USAGE
+    endpoints = usercli.Endpoints(config.url, config.gateway_url, config.token)
+    out = sys.stdout
+    if args.command == "start":
+        options: dict[str, object] = {}
+        if args.annotations:
+            options["annotationFormats"] = args.annotations
+        if args.no_images:
+            options["includeOriginalImages"] = False
+        if args.no_visualizations:
+            options["includeVisualizations"] = False
+        return usercli.run(usercli.start(endpoints, args.project, options, out))
+    if args.command == "cancel":
+        return usercli.run(usercli.cancel(endpoints, args.project, args.job_id, out))
+    if args.command == "follow":
+        return usercli.run(
+            usercli.follow(
+                endpoints,
+                out,
+                job_id=args.job,
+                project_id=args.project,
+                whole_log=args.log,
+                after=args.after,
+                consumer=args.consumer,
+                as_json=args.json,
+            )
+        )
+    return usercli.run(usercli.history(endpoints, args.project, args.job, out))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="exportlog", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -232,8 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     db = commands.add_parser("db", help="the embedded PostgreSQL")
     db.add_argument("action", choices=["start", "stop", "url"])
     commands.add_parser("migrate", help="apply migrations")
-    verify = commands.add_parser("verify", help="verify a job's hash chain")
-    verify.add_argument("job_id", type=uuid.UUID)
+    verify = commands.add_parser(
+        "verify", help="verify a job's hash chain, or (--from/--to) a range of the log"
+    )
+    verify.add_argument("job_id", type=uuid.UUID, nargs="?")
+    verify.add_argument("--from", dest="first", type=int, help="first log position")
+    verify.add_argument("--to", dest="last", type=int, help="last log position (default: head)")
     token = commands.add_parser(
         "token", help="print a token signed with JWT_SECRET (or the development secret)"
     )
@@ -241,6 +309,32 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--project", action="append", dest="projects", default=[])
     token.add_argument("--role", action="append", dest="roles", default=[])
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds")
+    start = commands.add_parser("start", help="queue an export and show its progress")
+    start.add_argument("project")
+    start.add_argument(
+        "--annotations",
+        action="append",
+        choices=list(get_args(AnnotationFormat)),
+        help="annotation format (repeatable; default coco)",
+    )
+    start.add_argument("--no-images", action="store_true", help="leave the original images out")
+    start.add_argument(
+        "--no-visualizations", action="store_true", help="leave the annotated overlays out"
+    )
+    cancel = commands.add_parser("cancel", help="cancel an export and wait for it to stop")
+    cancel.add_argument("project")
+    cancel.add_argument("job_id", type=uuid.UUID)
+    follow = commands.add_parser("follow", help="print events as they happen")
+    stream = follow.add_mutually_exclusive_group(required=True)
+    stream.add_argument("--job", type=uuid.UUID, help="one export's events (by seq)")
+    stream.add_argument("--project", help="a project's events (by log position)")
+    stream.add_argument("--log", action="store_true", help="the whole log (service, auditor)")
+    follow.add_argument("--after", type=int, help="start after this seq / position")
+    follow.add_argument("--consumer", help="a durable consumer: resume where it left off")
+    follow.add_argument("--json", action="store_true", help="one JSON event per line")
+    history = commands.add_parser("history", help="a project's exports or one export's events")
+    history.add_argument("project")
+    history.add_argument("--job", type=uuid.UUID, help="show this export's event timeline")
     args = parser.parse_args(argv)
 
     try:
@@ -266,7 +360,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         sys.exit(asyncio.run(_migrate(config)))
     if args.command == "verify":
-        sys.exit(asyncio.run(_verify(config, args.job_id)))
+        if (args.job_id is None) == (args.first is None):
+            parser.exit(2, "exportlog verify: give a JOB_ID, or --from N [--to M]\n")
+        if args.job_id is not None:
+            sys.exit(asyncio.run(_verify(config, args.job_id)))
+        try:
+            sys.exit(asyncio.run(_verify_range(config, args.first, args.last)))
+        except ValueError as exc:
+            parser.exit(2, f"exportlog verify: {exc}\n")
+    if args.command in ("start", "cancel", "follow", "history"):
+        sys.exit(_user_command(args, config))
     if args.command == "token":
         secret = os.environ.get("JWT_SECRET") or _dev_secret(Path(config.data_dir))
         print(

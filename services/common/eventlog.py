@@ -17,11 +17,12 @@ import asyncpg
 import msgspec
 import structlog
 
-from schemas.chain import BrokenLink, ChainLink, verify_chain
+from schemas.chain import BrokenLink, verify_chain
 from schemas.events import Event, EventData, encode_data, type_of
 from schemas.state import JobState, fold, replay
 
 from .queries import QUERIES
+from .verify import RangeVerifyReport, chain_link, verify_range
 
 log = structlog.get_logger(__name__)
 
@@ -413,22 +414,7 @@ class EventLog:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["chain_links"], job_id)
             head = await conn.fetchrow(QUERIES["job_head"], job_id)
-        links = [
-            ChainLink(
-                job_id=row["job_id"],
-                seq=row["seq"],
-                event_id=row["event_id"],
-                type=row["type"],
-                actor=row["actor"],
-                project_id=row["project_id"],
-                owner_id=row["owner_id"],
-                occurred_at=row["occurred_at"],
-                data=row["data"],
-                prev_hash=bytes(row["prev_hash"]),
-                hash=bytes(row["hash"]),
-            )
-            for row in rows
-        ]
+        links = [chain_link(row) for row in rows]
         expected_last = head["last_seq"] if head is not None else None
         broken = verify_chain(links, expected_last_seq=expected_last)
         return VerifyReport(
@@ -438,6 +424,13 @@ class EventLog:
             ok=broken is None,
             broken=broken,
         )
+
+    async def verify_range(
+        self, from_position: int, to_position: int, *, page_size: int = 5000
+    ) -> RangeVerifyReport:
+        """Recompute the hash chain of every job with events in positions `from_position` to
+        `to_position`, within the range; see `services.common.verify` for what that proves."""
+        return await verify_range(self._pool, from_position, to_position, page_size=page_size)
 
     # -- the projection --------------------------------------------------------------------
 

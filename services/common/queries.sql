@@ -36,9 +36,9 @@ SELECT position, job_id, project_id, seq, event_id, type, occurred_at, actor, da
 SELECT coalesce(max(position), 0) FROM events;
 
 -- name: chain_links
--- What the hash chain of one job covers, in seq order.
+-- What the hash chain of one job covers, in seq order (and where each event sits in the log).
 SELECT job_id, seq, event_id, type, actor, project_id, owner_id, occurred_at, data,
-       prev_hash, hash
+       prev_hash, hash, position
   FROM events
  WHERE job_id = $1
  ORDER BY seq;
@@ -179,6 +179,26 @@ RETURNING 1;
 -- Who holds a job, and its state.
 SELECT lease_owner, state FROM jobs WHERE job_id = $1;
 
+-- name: expirable_archives
+-- Completed jobs that completed more than $1 seconds ago and whose archive has not expired,
+-- oldest first, at most $2, locked until the caller's transaction ends. Rows another sweeper
+-- holds are skipped, so concurrent sweepers share the work. Served by jobs_archive_live (0005).
+SELECT job_id, last_seq
+  FROM jobs
+ WHERE status = 'completed' AND (state ->> 'archiveExpired') IS DISTINCT FROM 'true'
+   AND created_at < now() - make_interval(secs => $1)
+   AND (state ->> 'finishedAt')::timestamptz < now() - make_interval(secs => $1)
+ ORDER BY created_at, job_id
+ LIMIT $2
+   FOR UPDATE SKIP LOCKED;
+
+-- name: expired_among
+-- Which of these jobs the log shows with an expired archive (their files may be deleted).
+SELECT job_id
+  FROM jobs
+ WHERE job_id = ANY ($1::uuid[]) AND status = 'completed'
+   AND (state ->> 'archiveExpired') = 'true';
+
 -- name: job_states
 -- The projected state of many jobs at once (the gateway's coalesced snapshot reads).
 SELECT job_id, state FROM jobs WHERE job_id = ANY($1::uuid[]) AND status <> 'new';
@@ -231,3 +251,38 @@ SELECT r.n, e.position, e.job_id, e.project_id, e.seq, e.event_id, e.type, e.occ
         ORDER BY events.position
         LIMIT r.lim) AS e
  ORDER BY r.n, e.position;
+
+-- name: consumer_create
+-- Create a consumer, or return the existing one of that name (the caller checks it matches).
+WITH created AS (
+    INSERT INTO consumers (name, owner_id, project_id, position)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING name, owner_id, project_id, position, acks, created_at, updated_at, true AS created
+)
+SELECT * FROM created
+UNION ALL
+SELECT name, owner_id, project_id, position, acks, created_at, updated_at, false
+  FROM consumers WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM created);
+
+-- name: consumer_get
+SELECT name, owner_id, project_id, position, acks, created_at, updated_at, false AS created
+  FROM consumers WHERE name = $1;
+
+-- name: consumer_ack
+-- Move a consumer's position forward (never back: a late or repeated ack changes nothing).
+UPDATE consumers
+   SET position = greatest(position, $2), acks = acks + 1, updated_at = now()
+ WHERE name = $1
+RETURNING name, owner_id, project_id, position, acks, created_at, updated_at, false AS created;
+
+-- name: consumer_delete
+DELETE FROM consumers WHERE name = $1 AND owner_id = $2 RETURNING name;
+
+-- name: project_tail
+-- One project's events after a position, in position order (the project's stream).
+SELECT position, job_id, project_id, seq, event_id, type, occurred_at, actor, data
+  FROM events
+ WHERE project_id = $1 AND position > $2
+ ORDER BY position
+ LIMIT $3;

@@ -1,8 +1,8 @@
 """The export service's aiohttp application: create_app(config) -> web.Application.
 
 Resources are opened and closed in one cleanup context, in a known order: the pool, then the
-notifier and the worker; on the way out the worker hands its running jobs back first, then the
-notifier stops, then the pool closes.
+notifier, the worker and the archive retention sweeper; on the way out the sweeper finishes its
+batch, the worker hands its running jobs back, then the notifier stops, then the pool closes.
 """
 
 from __future__ import annotations
@@ -19,14 +19,23 @@ from services.common.auth import TokenVerifier
 from services.common.db import create_pool, migrate, pending_migrations
 from services.common.eventlog import EventLog
 from services.common.notifier import Notifier
+from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
 
-from . import api, download, openapi
+from . import api, audit, download, openapi, streams
 from .config import ExportConfig
-from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, TASKS, VERIFIER, WORKER
+from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, STREAMS, TASKS, VERIFIER, WORKER
+from .retention import RetentionSweeper, retention_seconds
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Server-Sent Events streams never end by themselves: end them so shutdown does not wait
+    for them (their clients reconnect with Last-Event-ID)."""
+    if STREAMS in app:
+        app[STREAMS].close_all()
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -59,6 +68,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
         tasks.append(asyncio.create_task(worker.run(), name="worker"))
+        sweeper = RetentionSweeper(pool, eventlog, config, registry=registry)
+        if sweeper.enabled:  # stopped before the worker: it may finish its batch
+            tasks.append(asyncio.create_task(sweeper.run(), name="retention"))
+        hub = streams.StreamHub(eventlog, config.database_url, poll_interval=config.poll_interval)
+        app[STREAMS] = hub
+        tasks.append(asyncio.create_task(hub.run(), name="stream-hub"))
         for task in tasks:
             task.add_done_callback(_report_death)
         yield
@@ -72,7 +87,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             except Exception:
                 log.exception("background task had failed", task=task.get_name())
         try:
-            await asyncio.wait_for(pool.close(), 10)
+            await within(pool.close(), 10)
         except TimeoutError:
             log.warning("database connections still busy at shutdown; terminating them")
             pool.terminate()
@@ -126,15 +141,21 @@ def _verifier(config: ExportConfig) -> TokenVerifier:
 def create_app(config: ExportConfig) -> web.Application:
     """The export service; raises ValueError for configuration it cannot run with."""
     verifier = _verifier(config)
+    retention_seconds(config)  # refuse a bad EXPORT_ARCHIVE_RETENTION before serving
     http_metrics = HttpMetrics(CollectorRegistry(), "export")
     app = web.Application(
-        middlewares=[error_middleware(http_metrics), api.auth_middleware],
+        middlewares=[
+            error_middleware(http_metrics),
+            api.auth_middleware,
+            audit.audit_reads_middleware,
+        ],
         client_max_size=1 << 20,
     )
     app[CONFIG] = config
     app[METRICS] = http_metrics
     app[VERIFIER] = verifier
     app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_end_streams)
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -142,6 +163,8 @@ def create_app(config: ExportConfig) -> web.Application:
             web.get("/metrics", metrics),
             web.get("/openapi.json", openapi.openapi_json),
             *api.routes(),
+            *audit.routes(),
+            *streams.routes(),
             web.get("/projects/{project_id}/export/{job_id}/download", download.download_export),
         ]
     )

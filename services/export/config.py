@@ -40,6 +40,19 @@ class ExportConfig:
     archive_root: str = field(
         default="data/archives", metadata={"help": "finished archives, served for download"}
     )
+    archive_retention: str = field(
+        default="7d",
+        metadata={
+            "help": "how long an archive stays downloadable after its export completed: "
+            "seconds, or a duration such as 90m, 36h, 7d; 0 or empty keeps archives forever"
+        },
+    )
+    retention_interval: float = field(
+        default=300.0, metadata={"help": "seconds between sweeps for expired archives"}
+    )
+    retention_batch: int = field(
+        default=100, metadata={"help": "archives expired per transaction by a sweep"}
+    )
     workers: int = field(default=2, metadata={"help": "exports run at once by this process"})
     per_user_limit: int = field(
         default=2, metadata={"help": "exports of one user running at once, across processes"}
@@ -55,6 +68,10 @@ class ExportConfig:
     )
     worker_id: str = field(
         default="", metadata={"help": "name of this process in events (default host:pid)"}
+    )
+    audit_page_size: int = field(
+        default=1000,
+        metadata={"help": "events per database read when streaming history or verifying ranges"},
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(

@@ -94,7 +94,10 @@ async def download_export(request: web.Request) -> web.StreamResponse:
         )
     path = Path(request.app[CONFIG].archive_root) / str(job_id) / state.archive.file_name
     if state.archive_expired or not path.is_file():
-        raise web.HTTPGone(reason=f"the archive of export {job_id} has expired")
+        raise web.HTTPGone(
+            reason=f"the archive of export {job_id} has expired; start a new export to "
+            "download it again"
+        )
     archive = state.archive
     size = archive.size_bytes
     etag = f'"{archive.sha256}"'

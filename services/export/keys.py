@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncpg
 from aiohttp import web
 
@@ -13,6 +15,9 @@ from services.common.web import HttpMetrics
 from .config import ExportConfig
 from .worker import Worker
 
+if TYPE_CHECKING:
+    from .streams import StreamHub
+
 CONFIG = web.AppKey("config", ExportConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
 EVENTLOG = web.AppKey("eventlog", EventLog)
@@ -20,5 +25,7 @@ METRICS = web.AppKey("metrics", HttpMetrics)
 NOTIFIER = web.AppKey("notifier", Notifier)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 WORKER = web.AppKey("worker", Worker)
+STREAMS: web.AppKey[StreamHub] = web.AppKey("streams")
+"""The process's one tailer for Server-Sent Events streams (streams.py imports these keys)."""
 TASKS = web.AppKey("tasks", list)
 """The background tasks the app owns (notifier, worker); readiness fails if one has stopped."""

@@ -35,7 +35,9 @@ from schemas.jsonschema import (
     build_schemas,
     render,
 )
+from services.common.audit import CSV_COLUMNS, AuditEvent
 from services.common.eventlog import VerifyReport
+from services.common.verify import RangeVerifyReport
 from services.common.web import ErrorResponse, _code
 
 from .api import (
@@ -51,6 +53,16 @@ from .api import (
     JobStatus,
     OutcomeError,
 )
+from .audit import (
+    MAX_TEXT,
+    MAX_TIMELINE_PAGE,
+    MAX_VALUES,
+    MAX_VERIFY_SPAN,
+    NDJSON,
+    AuditEventPage,
+    JobTimeline,
+)
+from .streams import CONSUMER_NAME, SSE_HEARTBEAT, SSE_QUEUE, Ack, Consumer, ConsumerSpec
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +89,12 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     HistoryPage,
     VerifyReport,
     ErrorResponse,
+    AuditEventPage,
+    JobTimeline,
+    RangeVerifyReport,
+    ConsumerSpec,
+    Ack,
+    Consumer,
 )
 """Every Struct a handler decodes or encodes; the Structs they use come along."""
 
@@ -127,6 +145,10 @@ def build_components() -> dict[str, JSONSchema]:
         components[name] = schema
     if not _refers_to(components, _SCHEMA_REF.format(name=EventData.__name__)):
         components.pop(EventData.__name__, None)
+    # An audit event is an envelope with more fields: the envelope's dispatch types its `data`.
+    components[AuditEvent.__name__] = components[AuditEvent.__name__] | {
+        "allOf": [_schema(Event.__name__)]
+    }
     return dict(sorted(components.items()))
 
 
@@ -585,6 +607,318 @@ def _log_events() -> JSONSchema:
     )
 
 
+_AUDITED = _error(
+    503, "The caller is an auditor and the read could not be recorded in the audit trail."
+)
+
+
+def _values_parameter(name: str, description: str, items: JSONSchema) -> JSONSchema:
+    return _parameter(
+        name,
+        "query",
+        f"{description} Repeat the parameter for any of several (at most {MAX_VALUES}).",
+        {"type": "array", "items": items, "maxItems": MAX_VALUES},
+    )
+
+
+def _audit_events() -> JSONSchema:
+    text: JSONSchema = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
+    position = {"type": "integer", "minimum": 1, "maximum": MAX_POSITION, "format": "int64"}
+    moment = {"type": "string", "format": "date-time"}
+    stream = "The whole result after `after`, up to the log's head when the request arrived"
+    return _operation(
+        "auditEvents",
+        "Query events across jobs",
+        "Events of every job the caller may read, filtered, in position order. Auditors and "
+        "services read every project; other tokens the projects they name (asking for another "
+        "one is 403, and no other project's event is ever in the answer). Filters combine with "
+        "AND; a repeated filter matches any of its values. The format is `format`, else the "
+        "first of `application/json`, `application/x-ndjson` and `text/csv` that `Accept` "
+        "names, else JSON: JSON answers one page (pass `nextCursor` back as `after` while "
+        "`hasMore`); NDJSON and CSV stream the whole result, a page at a time from the "
+        "database, and `X-Log-Head` says where it stops (resume with `after` set to it). CSV "
+        "columns: " + ", ".join(f"`{c}`" for c in CSV_COLUMNS) + " (`data` is the payload's "
+        "JSON text as stored; RFC 4180 quoting).",
+        "audit",
+        {
+            200: {
+                "description": "A page of events (JSON), or the whole result (NDJSON: one "
+                "`AuditEvent` per line; CSV: a header line, then one event per line).",
+                "headers": {
+                    "X-Log-Head": _header(
+                        "NDJSON and CSV: the last position the stream covers.",
+                        {"type": "string", "pattern": "^[0-9]+$"},
+                        required=False,
+                    )
+                },
+                "content": {
+                    "application/json": {"schema": _schema(AuditEventPage.__name__)},
+                    NDJSON: {"schema": {"type": "string", "description": stream}},
+                    "text/csv": {"schema": {"type": "string", "description": stream}},
+                },
+            },
+            400: _error(
+                400,
+                "A query parameter is unknown, repeated where it may not be, or malformed; "
+                "the message names it.",
+                message="occurredFrom must be an RFC 3339 date-time with a time zone",
+            ),
+            403: _error(403, "A `project` the token may not read."),
+            422: _error(
+                422,
+                "The ranges are empty: occurredFrom after occurredTo, or fromPosition above "
+                "toPosition.",
+                message="fromPosition must not be above toPosition",
+            ),
+            503: _AUDITED,
+        },
+        parameters=[
+            _values_parameter(
+                "project", "Events of this project.", _PARAMETERS["ProjectId"]["schema"]
+            ),
+            _values_parameter("job", "Events of this job.", {"type": "string", "format": "uuid"}),
+            _values_parameter("type", "Events of this type, e.g. `export:failed`.", text),
+            _values_parameter("actor", "Events caused by this actor, e.g. `user:alice`.", text),
+            _parameter("occurredFrom", "query", "Events that occurred at or after.", moment),
+            _parameter("occurredTo", "query", "Events that occurred before.", moment),
+            _parameter("fromPosition", "query", "Events at or after this position.", position),
+            _parameter(
+                "toPosition",
+                "query",
+                "Events at or before this position.",
+                position | {"minimum": 0},
+            ),
+            _parameter(
+                "after",
+                "query",
+                "The cursor: events after this position.",
+                _integer(0, MAX_POSITION, 0, format="int64"),
+            ),
+            _component_parameter("PageLimit"),
+            _parameter(
+                "format",
+                "query",
+                "The answer's format; wins over `Accept`.",
+                {"type": "string", "enum": ["json", "ndjson", "csv"]},
+            ),
+        ],
+    )
+
+
+def _job_timeline() -> JSONSchema:
+    return _operation(
+        "jobTimeline",
+        "An export's timeline",
+        "The job's events in `seq` order, each with the seconds since the event before it and "
+        "since the job's first event (by `occurredAt`). For the project's members, the job's "
+        "owner and auditors. Pass `nextCursor` back as `afterSeq` while `hasMore`.",
+        "audit",
+        {
+            200: _json(_schema(JobTimeline.__name__), "One page of the timeline."),
+            400: _error(400, f"{_BAD_PROJECT}, {_BAD_JOB.lower()}, or a query is invalid."),
+            403: _error(403, "The token may not read this project, and is not the job's owner."),
+            404: _error(404, _NOT_FOUND_JOB),
+            503: _AUDITED,
+        },
+        parameters=[
+            _PROJECT,
+            _JOB,
+            _parameter(
+                "afterSeq",
+                "query",
+                "Only events with a greater `seq`.",
+                _integer(0, MAX_AFTER_SEQ, 0),
+            ),
+            _parameter(
+                "limit",
+                "query",
+                "At most this many events in the page.",
+                _integer(1, MAX_TIMELINE_PAGE, MAX_TIMELINE_PAGE),
+            ),
+        ],
+    )
+
+
+def _verify_range() -> JSONSchema:
+    return _operation(
+        "verifyRange",
+        "Verify a range of the log",
+        "Recomputes the hash chain of every job with events at positions `from` to `to` "
+        "(inclusive), within the range: a job's first event in the range is checked against "
+        "its stored `prevHash` (the anchor, which must also equal the stored hash of the job's "
+        "event before the range; seq 1 follows the genesis hash), every further one against "
+        "the one before it. A job whose last event is in the range must lack none at its end. "
+        "Answers each job's result and the first broken link of the range. A verified range "
+        "proves nothing about the events before it: verify consecutive ranges (or each job) "
+        f"for that. At most {MAX_VERIFY_SPAN} positions per request. For auditors and "
+        "services.",
+        "audit",
+        {
+            200: _json(
+                _schema(RangeVerifyReport.__name__), "The verdict (`ok`), per job and overall."
+            ),
+            400: _error(400, "`from` or `to` is not a position."),
+            403: _error(403, "Verifying the log needs the auditor or service role."),
+            422: _error(
+                422, f"`from` is above `to`, or the range is longer than {MAX_VERIFY_SPAN}."
+            ),
+            503: _AUDITED,
+        },
+        parameters=[
+            _parameter(
+                "from",
+                "query",
+                "The first position checked.",
+                _integer(1, MAX_POSITION, 1, format="int64"),
+            ),
+            _parameter(
+                "to",
+                "query",
+                "The last position checked; default: the log's head.",
+                {"type": "integer", "minimum": 1, "maximum": MAX_POSITION, "format": "int64"},
+            ),
+        ],
+    )
+
+
+def _event_stream() -> JSONSchema:
+    position = _integer(0, MAX_POSITION, 0, format="int64")
+    return _operation(
+        "eventStream",
+        "Follow the log as Server-Sent Events",
+        "A project's events (`projectId`), or the whole log's (no `projectId`: the service or "
+        "auditor role), from a log position: the `Last-Event-ID` header, else `after`, else "
+        "`consumer` (that durable consumer's position), else the head (live only). First "
+        '`status-sync` (`data: {"position": head}`, no `id`), then every event after the '
+        "start in position order (`id`: its position, `event`: its type, `data`: the event "
+        "envelope), then `caught-up` (`id` and `data.position`: where the replay reached), "
+        f"then live events. A comment line every {SSE_HEARTBEAT:g} s keeps the stream alive. "
+        f"A client more than {SSE_QUEUE:,} messages behind is cut off; it reconnects with "
+        "`Last-Event-ID` and misses nothing. The stream ends only when the client or the "
+        "service closes it.",
+        "log",
+        {
+            200: {
+                "description": "The stream.",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"type": "string", "description": "SSE messages"}
+                    }
+                },
+            },
+            400: _error(
+                400,
+                "`projectId`, `after`, `Last-Event-ID` or `consumer` is malformed, or the "
+                "consumer follows another stream.",
+                message="after must be a log position (an integer)",
+            ),
+            403: _error(403, "The token may not read the project, or the whole log."),
+            404: _error(404, "No consumer of that name belongs to the caller."),
+        },
+        parameters=[
+            _parameter(
+                "projectId",
+                "query",
+                "The project to follow; absent: the whole log.",
+                _PARAMETERS["ProjectId"]["schema"],
+            ),
+            _parameter("after", "query", "Start after this log position.", position),
+            _parameter(
+                "Last-Event-ID",
+                "header",
+                "The `id` of the last message received (sent by EventSource on reconnect); "
+                "wins over `after`.",
+                {"type": "string", "pattern": "^[0-9]+$"},
+            ),
+            _parameter(
+                "consumer",
+                "query",
+                "Start after this durable consumer's position.",
+                _CONSUMER_NAME,
+            ),
+        ],
+    )
+
+
+_CONSUMER_NAME: JSONSchema = {"type": "string", "pattern": f"^{CONSUMER_NAME.pattern}$"}
+_CONSUMER = _parameter("name", "path", "The consumer's name.", _CONSUMER_NAME)
+_NO_CONSUMER = _error(404, "No consumer of that name belongs to the caller.")
+_BAD_NAME = _error(400, "The name is not 1 to 100 letters, digits, '.', '_', ':' or '-'.")
+
+
+def _put_consumer() -> JSONSchema:
+    return _operation(
+        "putConsumer",
+        "Create a durable consumer",
+        "A named cursor of a project's stream (`projectId`) or of the whole log (no "
+        "`projectId`; service or auditor role), starting after `startPosition`. Asking again "
+        "with the same stream returns it (200). Delivery to a consumer that acknowledges what "
+        "it has handled is at least once.",
+        "log",
+        {
+            200: _json(_schema(Consumer.__name__), "It existed already."),
+            201: _json(_schema(Consumer.__name__), "Created."),
+            400: _BAD_NAME,
+            403: _error(403, "The token may not read that stream."),
+            409: _error(409, "The name is taken, or the consumer follows another stream."),
+            422: _error(422, "The body is not a valid consumer."),
+        },
+        parameters=[_CONSUMER],
+        requestBody={
+            "required": False,
+            "content": {"application/json": {"schema": _schema(ConsumerSpec.__name__)}},
+        },
+    )
+
+
+def _get_consumer() -> JSONSchema:
+    return _operation(
+        "getConsumer",
+        "A durable consumer",
+        "Where the consumer is: everything up to `position` was acknowledged.",
+        "log",
+        {
+            200: _json(_schema(Consumer.__name__), "The consumer."),
+            400: _BAD_NAME,
+            404: _NO_CONSUMER,
+        },
+        parameters=[_CONSUMER],
+    )
+
+
+def _ack_consumer() -> JSONSchema:
+    return _operation(
+        "ackConsumer",
+        "Acknowledge a position",
+        "Everything of the consumer's stream up to `position` has been handled. Positions only "
+        "move forward: an older one changes nothing. A position beyond the log's head is "
+        "refused.",
+        "log",
+        {
+            200: _json(_schema(Consumer.__name__), "The consumer after the acknowledgement."),
+            400: _BAD_NAME,
+            404: _NO_CONSUMER,
+            422: _error(422, "Not a position, negative, or beyond the log's head."),
+        },
+        parameters=[_CONSUMER],
+        requestBody={
+            "required": True,
+            "content": {"application/json": {"schema": _schema(Ack.__name__)}},
+        },
+    )
+
+
+def _delete_consumer() -> JSONSchema:
+    return _operation(
+        "deleteConsumer",
+        "Delete a durable consumer",
+        "Forget the consumer and its position.",
+        "log",
+        {204: {"description": "Deleted."}, 400: _BAD_NAME, 404: _NO_CONSUMER},
+        parameters=[_CONSUMER],
+    )
+
+
 def _status_body(value: str) -> JSONSchema:
     return {
         "type": "object",
@@ -663,7 +997,17 @@ def _paths() -> dict[str, JSONSchema]:
         f"{job}/events": {"get": _export_events()},
         f"{job}/verify": {"get": _verify_export()},
         f"{job}/download": {"get": download, "head": _head(download)},
+        f"{job}/timeline": {"get": _job_timeline()},
         "/v1/events": {"get": _log_events()},
+        "/v1/audit/events": {"get": _audit_events()},
+        "/v1/verify": {"get": _verify_range()},
+        "/v1/stream": {"get": _event_stream()},
+        "/v1/consumers/{name}": {
+            "put": _put_consumer(),
+            "get": _get_consumer(),
+            "delete": _delete_consumer(),
+        },
+        "/v1/consumers/{name}/ack": {"post": _ack_consumer()},
         "/healthz": {"get": _healthz()},
         "/readyz": {"get": _readyz()},
         "/metrics": {"get": _metrics()},
@@ -703,6 +1047,9 @@ a cancel of an export that has already ended, whose error also names the outcome
 validated by `type`, and an event of a type this version does not know is still a valid event, \
 which readers skip.
 
+**Auditing.** Every read by a token with the `auditor` role is recorded before it is served \
+(and refused with 503 when it cannot be); see the `audit` operations.
+
 **HEAD.** Every GET also answers HEAD, with the status and headers of the GET and no body; only \
 the download, whose headers are what a client asks HEAD for, documents it."""
 
@@ -720,6 +1067,10 @@ def build_openapi() -> JSONSchema:
         "tags": [
             {"name": "exports", "description": "Start, watch, cancel and download exports."},
             {"name": "log", "description": "The event log across jobs."},
+            {
+                "name": "audit",
+                "description": "History queries, timelines and verification, for auditors.",
+            },
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
         ],
         "security": [{SECURITY_SCHEME: []}],

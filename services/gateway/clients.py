@@ -185,6 +185,11 @@ class Client:
 
     # -- life ------------------------------------------------------------------------------
 
+    @property
+    def closing(self) -> bool:
+        """Whether a close has been asked for."""
+        return self._closing is not None
+
     def close_soon(self, code: int, reason: str) -> None:
         """Close the connection with `code` (the first reason asked for wins)."""
         if self._closing is None:

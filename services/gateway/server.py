@@ -477,10 +477,14 @@ class Gateway:
     async def _receive(self, client: Client) -> None:
         """Messages from the client; a bad one gets an error message and the connection stays.
 
-        A client over the message rate or the subscription limit is closed with CLOSE_LIMIT."""
+        A client over the message rate or the subscription limit is closed with CLOSE_LIMIT.
+        What it sends after that is read and dropped: a connection that stops reading cannot
+        receive the client's half of the closing handshake."""
         allowance = float(self.config.message_burst)
         last = time.monotonic()
         async for raw in client.connection:
+            if client.closing:
+                continue
             now = time.monotonic()
             allowance = min(
                 allowance + (now - last) * self.config.message_rate,
@@ -488,8 +492,8 @@ class Gateway:
             )
             last = now
             if allowance < 1.0:
-                await self._close(client.connection, CLOSE_LIMIT, "too many messages")
-                return
+                client.close_soon(CLOSE_LIMIT, "too many messages")
+                continue
             allowance -= 1.0
             try:
                 message = client_decoder.decode(raw)
@@ -498,8 +502,7 @@ class Gateway:
                 continue
             match message:
                 case Subscribe():
-                    if not await self._subscribe(client, message):
-                        return
+                    await self._subscribe(client, message)
                 case CancelExport(job_id=job_id):
                     await self._cancel(client, job_id)
                 case Unsubscribe():
@@ -543,11 +546,7 @@ class Gateway:
         if key not in client.subscriptions and (
             len(client.subscriptions) >= self.config.max_subscriptions
         ):
-            await self._close(
-                client.connection,
-                CLOSE_LIMIT,
-                f"at most {self.config.max_subscriptions} subscriptions",
-            )
+            client.close_soon(CLOSE_LIMIT, f"at most {self.config.max_subscriptions} subscriptions")
             return False
         subscription = client.subscribe(key, cursor)
         if subscription is None:
