@@ -158,11 +158,18 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
             where = (
                 "embedded, in " + str(Path(config.data_dir) / "pg") if server else "DATABASE_URL"
             )
+            defaults = CliConfig()
+            cli_env = (
+                ""
+                if (config.export_port, config.gateway_port, config.host)
+                == (defaults.export_port, defaults.gateway_port, defaults.host)
+                else f" and EXPORTLOG_URL={export_url} EXPORTLOG_GATEWAY_URL={gateway_url}/ws"
+            )
             print(
                 f"\n  database        {_redact(dsn)}  ({where})\n"
                 f"  export service  {export_url}   (health {export_url}/healthz, "
                 f"metrics {export_url}/metrics)\n"
-                f"  gateway         {gateway_url}    (health http://{config.host}:"
+                f"  gateway         {gateway_url}/ws (health http://{config.host}:"
                 f"{config.gateway_port}/healthz)\n"
                 f"  demo project    {projects / 'demo'}\n\n"
                 f"  A token for user 'dev' on project 'demo' (valid 7 days):\n\n"
@@ -172,6 +179,9 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
                 f"{export_url}/projects/demo/export\n"
                 f'    curl -s -H "Authorization: Bearer $TOKEN" '
                 f"{export_url}/projects/demo/export/<jobId>/status\n\n"
+                f"  Or from another terminal, with the same TOKEN{cli_env}:\n\n"
+                f"    .venv/bin/exportlog start demo\n"
+                f"    .venv/bin/exportlog follow --project demo\n\n"
                 f"  Ctrl-C stops everything.\n",
                 flush=True,
             )

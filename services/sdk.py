@@ -189,6 +189,7 @@ async def subscribe(
     project_id: str | None = None,
     log_stream: bool = False,
     after: int | None = None,
+    live_only: bool = False,
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = 100,
     checkpoint_interval: float = 1.0,
@@ -196,8 +197,8 @@ async def subscribe(
 ) -> AsyncIterator[Event]:
     """Yield the events of a job (`job_id`), a project (`project_id`) or the whole log
     (`log_stream=True`) after `after` (a seq for a job, a log position otherwise; None: from
-    the checkpoint, else from the beginning), then live ones, until the loop stops (or a failed
-    or cancelled job's stream ends)."""
+    the checkpoint, else from the beginning, or with `live_only` from what happens next), then
+    live ones, until the loop stops (or a failed or cancelled job's stream ends)."""
     if (job_id is not None) + (project_id is not None) + log_stream != 1:
         raise ValueError("follow exactly one of job_id, project_id or log_stream")
     if checkpoint is not None and job_id is not None:
@@ -205,17 +206,20 @@ async def subscribe(
     if isinstance(checkpoint, ConsumerCheckpoint):
         checkpoint.project_id = project_id
     loaded = await checkpoint.load() if checkpoint is not None else None
-    cursor = after if after is not None else (loaded or 0)
+    # None until the first caught-up marker when only what happens next is wanted.
+    cursor: int | None = after if after is not None else loaded
+    if cursor is None and not live_only:
+        cursor = 0
     target: dict[str, object]
     if job_id is not None:
-        target = {"jobId": str(job_id), "afterSeq": cursor}
+        target = {"jobId": str(job_id)}
     elif project_id is not None:
-        target = {"projectId": project_id, "afterPosition": cursor}
+        target = {"projectId": project_id}
     else:
-        target = {"log": True, "afterPosition": cursor}
+        target = {"log": True}
     by_seq = job_id is not None
 
-    handled = cursor  # every event at or below this has been handled by the loop
+    handled = cursor or 0  # every event at or below this has been handled by the loop
     saved = handled
     last_save = time.monotonic()
     attempt = 0
@@ -225,7 +229,9 @@ async def subscribe(
             async with websockets.connect(url, max_size=None, open_timeout=10) as ws:
                 await ws.send(json.dumps({"type": "auth", "token": await _token(token)}).encode())
                 cursor_key = "afterSeq" if by_seq else "afterPosition"
-                subscription = {"type": "subscribe", **target, cursor_key: cursor}
+                subscription = {"type": "subscribe", **target}
+                if cursor is not None:
+                    subscription[cursor_key] = cursor
                 await ws.send(json.dumps(subscription).encode())
                 async for frame, raw_frame in _frames(ws):
                     kind = frame.type
@@ -235,7 +241,7 @@ async def subscribe(
                         attempt = 0
                         fresh_token = False
                         mark = frame.seq if by_seq else frame.position
-                        if mark is not None and mark > cursor:
+                        if mark is not None and (cursor is None or mark > cursor):
                             cursor = handled = mark
                         continue
                     if kind == "export:end-of-stream":
@@ -250,7 +256,7 @@ async def subscribe(
                     for raw in raws:
                         event = decode_event(raw)
                         mark = event.seq if by_seq else event.position
-                        if mark <= cursor:
+                        if cursor is not None and mark <= cursor:
                             continue  # never twice, even if the server repeated itself
                         cursor = mark
                         yield event

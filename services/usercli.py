@@ -230,6 +230,8 @@ async def follow(
         project_id=project_id,
         log_stream=whole_log,
         after=after,
+        # A person following a project or the log wants what happens next, like `tail -f`.
+        live_only=job_id is None and consumer is None,
         checkpoint=checkpoint,
     ):
         if as_json:

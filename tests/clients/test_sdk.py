@@ -255,3 +255,28 @@ async def test_a_consumer_killed_at_random_points_processes_every_event_and_neve
         processed.update(run)
     assert processed == set(expected)  # every event processed at least once
     assert redelivered < total  # and checkpoints kept the repeats to the unacknowledged tail
+
+
+async def test_live_only_starts_with_what_happens_next(stack: Stack) -> None:
+    job = await new_job(stack.eventlog, project="demo")
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for event in subscribe(stack.gateway_url, token(), project_id="demo", live_only=True):
+            seen.append(event.seq)
+
+    def live() -> bool:
+        return any(
+            sub.phase == "live"
+            for client in stack.gateway._clients
+            for sub in client.subscriptions.values()
+        )
+
+    task = asyncio.create_task(consume())
+    try:
+        await wait_for(live)
+        await stack.eventlog.append(job, 2, [progress(10)])
+        await wait_for(lambda: seen == [3])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
