@@ -10,6 +10,7 @@ exportlog start PROJECT       queue an export and show its progress (a running s
 exportlog cancel PROJECT JOB  cancel an export and wait for it to stop
 exportlog follow ...          print a job's, a project's or the log's events as they happen
 exportlog history PROJECT     a project's exports, or (--job) one export's timeline
+exportlog events --format csv events across jobs (filters as the history queries), to stdout
 """
 
 from __future__ import annotations
@@ -296,6 +297,16 @@ def _user_command(args: argparse.Namespace, config: CliConfig) -> int:
                 as_json=args.json,
             )
         )
+    if args.command == "events":
+        filters = [("project", p) for p in args.project]
+        filters += [("job", str(j)) for j in args.job]
+        filters += [("type", t) for t in args.type] + [("actor", a) for a in args.actor]
+        for name, value in (("occurredFrom", args.since), ("occurredTo", args.until)):
+            if value:
+                filters.append((name, value))
+        if args.after is not None:
+            filters.append(("after", str(args.after)))
+        return usercli.run(usercli.export_events(endpoints, filters, args.format, out))
     return usercli.run(usercli.history(endpoints, args.project, args.job, out))
 
 
@@ -345,6 +356,17 @@ def main(argv: list[str] | None = None) -> None:
     history = commands.add_parser("history", help="a project's exports or one export's events")
     history.add_argument("project")
     history.add_argument("--job", type=uuid.UUID, help="show this export's event timeline")
+    events = commands.add_parser(
+        "events", help="export events across jobs as NDJSON or CSV (history queries)"
+    )
+    events.add_argument("--project", action="append", default=[], help="repeatable")
+    events.add_argument("--job", action="append", default=[], type=uuid.UUID, help="repeatable")
+    events.add_argument("--type", action="append", default=[], help="e.g. export:failed")
+    events.add_argument("--actor", action="append", default=[], help="e.g. user:dev")
+    events.add_argument("--since", help="occurred at or after (RFC 3339)")
+    events.add_argument("--until", help="occurred before (RFC 3339)")
+    events.add_argument("--after", type=int, help="only events after this log position")
+    events.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
     args = parser.parse_args(argv)
 
     try:
@@ -378,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(asyncio.run(_verify_range(config, args.first, args.last)))
         except ValueError as exc:
             parser.exit(2, f"exportlog verify: {exc}\n")
-    if args.command in ("start", "cancel", "follow", "history"):
+    if args.command in ("start", "cancel", "follow", "history", "events"):
         sys.exit(_user_command(args, config))
     if args.command == "token":
         secret = os.environ.get("JWT_SECRET") or _dev_secret(Path(config.data_dir))

@@ -4,6 +4,7 @@
     exportlog cancel PROJECT JOB       ask for a cancel; the outcome arrives as an event
     exportlog follow --job J | --project P | --log    print events as they happen
     exportlog history PROJECT [--job J]               a project's exports, or a job's timeline
+    exportlog events [filters] --format ndjson|csv    events across jobs, streamed to stdout
 
 They read `EXPORTLOG_URL` (the export service), `EXPORTLOG_GATEWAY_URL` and `EXPORTLOG_TOKEN`
 (or `TOKEN`, as `make run` prints it). State shown is always the fold of the job's events, read
@@ -277,6 +278,32 @@ async def history(endpoints: Endpoints, project: str, job_id: uuid.UUID | None, 
         if not answer["hasMore"]:
             return EXIT_OK
         after = answer["nextCursor"]
+
+
+async def export_events(
+    endpoints: Endpoints, filters: list[tuple[str, str]], fmt: str, out: TextIO
+) -> int:
+    """Stream the events the filters select (`/v1/audit/events`) to `out` as NDJSON or CSV,
+    without holding them: the service streams them a page at a time, and so does this."""
+    url = endpoints.export_url.rstrip("/") + "/v1/audit/events"
+    params = [*filters, ("format", fmt)]
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=60)) as session,
+            session.get(url, params=params, headers=endpoints.headers()) as response,
+        ):
+            if response.status != 200:
+                answer = await response.json(content_type=None)
+                raise CliError(f"no events ({response.status} {_error_text(answer)})")
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                out.write(chunk.decode())
+            out.flush()
+            head = response.headers.get("X-Log-Head")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CliError(f"the export service at {endpoints.export_url} failed: {exc}") from exc
+    if head is not None:
+        print(f"exportlog: up to log position {head}", file=sys.stderr)
+    return EXIT_OK
 
 
 def run(coroutine: Any) -> int:

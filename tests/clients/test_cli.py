@@ -164,3 +164,24 @@ async def test_verify_checks_a_range_of_the_log(stack: Stack, database_url: str)
             assert report["ok"] is True
             assert report["eventsChecked"] == 4
             assert report["jobsChecked"] == 2
+
+
+async def test_events_exports_the_history_as_ndjson_and_csv(stack: Stack) -> None:
+    job = await new_job(stack.eventlog, project="demo")
+    await new_job(stack.eventlog, project="big")
+    code, ndjson, err = await exportlog(stack, "events", "--project", "demo")
+    assert code == 0, err
+    lines = [json.loads(line) for line in ndjson.splitlines()]
+    assert [(e["jobId"], e["seq"]) for e in lines] == [(str(job), 1), (str(job), 2)]
+    assert "up to log position" in err
+    code, csv_text, err = await exportlog(
+        stack, "events", "--project", "demo", "--type", "export:started", "--format", "csv"
+    )
+    assert code == 0, err
+    rows = csv_text.splitlines()
+    assert rows[0].startswith("position,jobId")
+    assert len(rows) == 2
+    assert "export:started" in rows[1]
+    code, _, err = await exportlog(stack, "events", "--project", "elsewhere")
+    assert code == 1
+    assert "403" in err
