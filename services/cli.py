@@ -265,6 +265,22 @@ async def _verify_range(config: CliConfig, first: int, last: int | None) -> int:
     return 0 if report.ok else 1
 
 
+def _run_verify(
+    parser: argparse.ArgumentParser, config: CliConfig, args: argparse.Namespace
+) -> int:
+    if (args.job_id is None) == (args.first is None):
+        parser.exit(2, "exportlog verify: give a JOB_ID, or --from N [--to M]\n")
+    try:
+        if args.job_id is not None:
+            return asyncio.run(_verify(config, args.job_id))
+        return asyncio.run(_verify_range(config, args.first, args.last))
+    except ValueError as exc:
+        parser.exit(2, f"exportlog verify: {exc}\n")
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"exportlog verify: the database did not answer: {exc}", file=sys.stderr)
+        return 1
+
+
 def _user_command(args: argparse.Namespace, config: CliConfig) -> int:
     from services import usercli
 
@@ -392,14 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         sys.exit(asyncio.run(_migrate(config)))
     if args.command == "verify":
-        if (args.job_id is None) == (args.first is None):
-            parser.exit(2, "exportlog verify: give a JOB_ID, or --from N [--to M]\n")
-        if args.job_id is not None:
-            sys.exit(asyncio.run(_verify(config, args.job_id)))
-        try:
-            sys.exit(asyncio.run(_verify_range(config, args.first, args.last)))
-        except ValueError as exc:
-            parser.exit(2, f"exportlog verify: {exc}\n")
+        sys.exit(_run_verify(parser, config, args))
     if args.command in ("start", "cancel", "follow", "history", "events"):
         sys.exit(_user_command(args, config))
     if args.command == "token":

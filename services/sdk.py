@@ -58,6 +58,10 @@ class AuthenticationFailed(SdkError):
     """The gateway refused the token and no fresh one could be had."""
 
 
+class CheckpointUnavailable(SdkError):
+    """The checkpoint could not be read or written now (a transient failure: retried)."""
+
+
 class SubscriptionRefused(SdkError):
     """The gateway refused the subscription (no such job, or not this token's to follow)."""
 
@@ -137,16 +141,22 @@ class ConsumerCheckpoint:
 
     async def _call(self, method: str, path: str, body: object) -> dict[str, object]:
         headers = {"Authorization": f"Bearer {await _token(self.token)}"}
-        session = self._session or aiohttp.ClientSession()
+        session = self._session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         try:
             async with session.request(
                 method, self.base_url + path, json=body, headers=headers
             ) as response:
-                answer: dict[str, object] = await response.json(content_type=None)
+                answer = await response.json(content_type=None)
+                if not isinstance(answer, dict):
+                    raise CheckpointUnavailable(f"{method} {path}: not a JSON object")
+                if response.status >= 500:
+                    raise CheckpointUnavailable(f"{method} {path}: {response.status}")
                 if response.status >= 400:
                     error = answer.get("error", {})
                     raise SdkError(f"{method} {path}: {response.status} {error}")
                 return answer
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise CheckpointUnavailable(f"{method} {path}: {exc!r}") from exc
         finally:
             if self._session is None:
                 await session.close()
@@ -178,7 +188,7 @@ async def _token(source: TokenSource) -> str:
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = 10.0) -> float:
     """Full jitter: a uniform delay between 0 and min(cap, base · 2^attempt)."""
-    return random.uniform(0.0, min(cap, base * 2.0**attempt))
+    return random.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 64)))
 
 
 async def subscribe(
@@ -205,7 +215,7 @@ async def subscribe(
         raise ValueError("checkpoints hold log positions: use them with a project or the log")
     if isinstance(checkpoint, ConsumerCheckpoint):
         checkpoint.project_id = project_id
-    loaded = await checkpoint.load() if checkpoint is not None else None
+    loaded = await _load(checkpoint, max_backoff) if checkpoint is not None else None
     # None until the first caught-up marker when only what happens next is wanted.
     cursor: int | None = after if after is not None else loaded
     if cursor is None and not live_only:
@@ -221,6 +231,7 @@ async def subscribe(
 
     handled = cursor or 0  # every event at or below this has been handled by the loop
     saved = handled
+    unsaved = 0  # events handled since the last save
     last_save = time.monotonic()
     attempt = 0
     fresh_token = False
@@ -261,19 +272,22 @@ async def subscribe(
                         cursor = mark
                         yield event
                         handled = mark
+                        unsaved += 1
                         if checkpoint is not None and (
-                            handled - saved >= checkpoint_every
+                            unsaved >= checkpoint_every
                             or time.monotonic() - last_save >= checkpoint_interval
                         ):
-                            await checkpoint.save(handled)
-                            saved, last_save = handled, time.monotonic()
+                            if await _save(checkpoint, handled):
+                                saved, unsaved = handled, 0
+                            last_save = time.monotonic()
                     if (
                         checkpoint is not None
                         and handled > saved
                         and (time.monotonic() - last_save >= checkpoint_interval)
                     ):
-                        await checkpoint.save(handled)
-                        saved, last_save = handled, time.monotonic()
+                        if await _save(checkpoint, handled):
+                            saved, unsaved = handled, 0
+                        last_save = time.monotonic()
         except websockets.ConnectionClosed as closed:
             code = closed.rcvd.code if closed.rcvd is not None else None
             if code in _REFRESH_TOKEN:
@@ -283,11 +297,33 @@ async def subscribe(
             log.info("subscription interrupted; resuming", code=code, cursor=cursor)
         except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
             log.info("gateway unreachable; retrying", error=repr(exc), cursor=cursor)
-        if checkpoint is not None and handled > saved:
-            await checkpoint.save(handled)
-            saved, last_save = handled, time.monotonic()
+        if checkpoint is not None and handled > saved and await _save(checkpoint, handled):
+            saved, unsaved, last_save = handled, 0, time.monotonic()
         await asyncio.sleep(backoff(attempt, cap=max_backoff))
         attempt += 1
+
+
+async def _load(checkpoint: Checkpoint, max_backoff: float) -> int | None:
+    """The checkpoint's position, retried (with backoff) while it is unavailable."""
+    attempt = 0
+    while True:
+        try:
+            return await checkpoint.load()
+        except CheckpointUnavailable as exc:
+            log.warning("checkpoint unavailable; retrying", error=str(exc))
+        await asyncio.sleep(backoff(attempt, cap=max_backoff))
+        attempt += 1
+
+
+async def _save(checkpoint: Checkpoint, position: int) -> bool:
+    """Save a position; a failure is logged and the position saved later (nothing is lost: an
+    unsaved position only means more events come again after a restart)."""
+    try:
+        await checkpoint.save(position)
+    except CheckpointUnavailable as exc:
+        log.warning("checkpoint not saved; will retry", position=position, error=str(exc))
+        return False
+    return True
 
 
 async def _frames(ws: ClientConnection) -> AsyncIterator[tuple[_Frame, bytes]]:

@@ -14,6 +14,7 @@ through the gateway like any other client.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import shutil
 import sys
@@ -295,8 +296,11 @@ async def export_events(
             if response.status != 200:
                 answer = await response.json(content_type=None)
                 raise CliError(f"no events ({response.status} {_error_text(answer)})")
+            # Chunks may split a character: decode incrementally.
+            decoder = codecs.getincrementaldecoder("utf-8")()
             async for chunk in response.content.iter_chunked(64 * 1024):
-                out.write(chunk.decode())
+                out.write(decoder.decode(chunk))
+            out.write(decoder.decode(b"", final=True))
             out.flush()
             head = response.headers.get("X-Log-Head")
     except (aiohttp.ClientError, TimeoutError) as exc:

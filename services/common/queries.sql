@@ -254,16 +254,13 @@ SELECT r.n, e.position, e.job_id, e.project_id, e.seq, e.event_id, e.type, e.occ
 
 -- name: consumer_create
 -- Create a consumer, or return the existing one of that name (the caller checks it matches).
-WITH created AS (
-    INSERT INTO consumers (name, owner_id, project_id, position)
-    VALUES ($1, $2, $3, $4)
-    ON CONFLICT (name) DO NOTHING
-    RETURNING name, owner_id, project_id, position, acks, created_at, updated_at, true AS created
-)
-SELECT * FROM created
-UNION ALL
-SELECT name, owner_id, project_id, position, acks, created_at, updated_at, false
-  FROM consumers WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM created);
+-- DO UPDATE (of nothing) rather than DO NOTHING: it waits for a concurrent insert of the same
+-- name and returns that row, where DO NOTHING would return nothing to the loser of the race.
+INSERT INTO consumers (name, owner_id, project_id, position)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE SET name = excluded.name
+RETURNING name, owner_id, project_id, position, acks, created_at, updated_at,
+          (xmax = 0) AS created;
 
 -- name: consumer_get
 SELECT name, owner_id, project_id, position, acks, created_at, updated_at, false AS created
@@ -273,7 +270,7 @@ SELECT name, owner_id, project_id, position, acks, created_at, updated_at, false
 -- Move a consumer's position forward (never back: a late or repeated ack changes nothing).
 UPDATE consumers
    SET position = greatest(position, $2), acks = acks + 1, updated_at = now()
- WHERE name = $1
+ WHERE name = $1 AND owner_id = $3
 RETURNING name, owner_id, project_id, position, acks, created_at, updated_at, false AS created;
 
 -- name: consumer_delete
@@ -286,3 +283,11 @@ SELECT position, job_id, project_id, seq, event_id, type, occurred_at, actor, da
  WHERE project_id = $1 AND position > $2
  ORDER BY position
  LIMIT $3;
+
+-- name: audit_subscription
+-- A subscription by an auditor through the gateway, recorded when it starts (a stream has no
+-- end to count rows at): the stream and the cursor are in `filters`.
+INSERT INTO audit_reads (auditor, roles, method, endpoint, path, filters, status, completed,
+                         finished_at)
+VALUES ($1, $2, 'SUBSCRIBE', '/ws', '/ws', $3::jsonb, 101, true, now())
+RETURNING id;

@@ -73,7 +73,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             tasks.append(asyncio.create_task(sweeper.run(), name="retention"))
         hub = streams.StreamHub(eventlog, config.database_url, poll_interval=config.poll_interval)
         app[STREAMS] = hub
-        tasks.append(asyncio.create_task(hub.run(), name="stream-hub"))
+        head = await eventlog.head_position()
+        tasks.append(asyncio.create_task(hub.run(start=head), name="stream-hub"))
         for task in tasks:
             task.add_done_callback(_report_death)
         yield

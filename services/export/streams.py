@@ -19,8 +19,8 @@ it. Delivery is at least once: events processed but not yet acknowledged come ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TypeVar
@@ -59,6 +59,8 @@ SSE_QUEUE = 2000
 """Live messages waiting for one SSE client before its stream is ended (it resumes)."""
 SSE_HEARTBEAT = 15.0
 SSE_RETRY_MS = 2000
+SSE_WRITE_TIMEOUT = 30.0
+"""Seconds one write may wait for a client that has stopped reading before it is cut off."""
 
 
 # -- wire types ------------------------------------------------------------------------------
@@ -197,7 +199,9 @@ async def ack_consumer(request: web.Request) -> web.Response:
             reason=f"position {ack.position} is beyond the log's head ({head})"
         )
     async with request.app[POOL].acquire() as conn:
-        row = await conn.fetchrow(QUERIES["consumer_ack"], name, ack.position)
+        row = await conn.fetchrow(
+            QUERIES["consumer_ack"], name, ack.position, request[PRINCIPAL].user_id
+        )
     if row is None:  # deleted meanwhile
         raise web.HTTPNotFound(reason=f"no consumer {name} of yours")
     return json_response(_consumer(row))
@@ -238,6 +242,7 @@ class Follower:
         self.subscription = StreamSubscription(after, page_size=SSE_PAGE)
         self.live: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=SSE_QUEUE)
         self.overflowed = False
+        self.closed = False
 
     def on_live(self, event: Event, message: bytes) -> None:
         if self.overflowed:
@@ -250,6 +255,7 @@ class Follower:
                 self._end()
 
     def _end(self) -> None:
+        self.closed = True
         # Make room for the sentinel: what is dropped, the client reads again after reconnecting.
         while not self.live.empty():
             self.live.get_nowait()
@@ -267,8 +273,10 @@ class StreamHub:
         self._followers: dict[str | None, set[Follower]] = {}
         self.tailer = Tailer(eventlog, dsn, self._on_events, poll_interval=poll_interval)
 
-    async def run(self) -> None:
-        await self.tailer.run()
+    async def run(self, *, start: int) -> None:
+        """Follow the log from `start`, read before the service takes requests: a stream that
+        went live before the tailer had read where to begin could miss what came between."""
+        await self.tailer.run(start=start)
 
     def follow(self, project_id: str | None, after: int | None) -> Follower:
         # Registered before its first read: every event is then in a page or arrives live.
@@ -359,24 +367,37 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    await response.write(b"retry: %d\n\n" % SSE_RETRY_MS)
     follower = hub.follow(project_id, start)
+    # The token is checked at connect only: the stream ends when it expires, and the client
+    # reconnects with a fresh one and Last-Event-ID.
+    expiry = asyncio.get_running_loop().call_later(
+        max(principal.expires_at - time.time(), 0.0), follower.close
+    )
     try:
+        await _write(response, b"retry: %d\n\n" % SSE_RETRY_MS)
         await _pump(hub, follower, response)
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The client went away, or the server is stopping: either way the stream is over.
-        pass
+        await within(response.write_eof(), SSE_WRITE_TIMEOUT)
+    except (ConnectionResetError, TimeoutError):
+        # Gone, or stopped reading: cut it off; it resumes from its last id.
+        if request.transport is not None:
+            request.transport.abort()
     finally:
+        expiry.cancel()
         hub.leave(follower)
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
     return response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """Write, or give up (TimeoutError) on a client that has not taken anything for a while."""
+    await within(response.write(data), SSE_WRITE_TIMEOUT)
 
 
 async def _pump(hub: StreamHub, follower: Follower, response: web.StreamResponse) -> None:
     subscription = follower.subscription
     pending: list[Action] = subscription.start()
     while pending:
+        if follower.closed:
+            return  # the server is stopping, the token expired, or it fell behind
         action = pending.pop(0)
         match action:
             case ReadSnapshot():
@@ -384,23 +405,23 @@ async def _pump(hub: StreamHub, follower: Follower, response: web.StreamResponse
                 pending += subscription.on_snapshot(head)
             case SendStreamSync(position=position):
                 # No id: the client's own cursor may be far below the head.
-                await response.write(_sse_marker("status-sync", position, with_id=False))
+                await _write(response, _sse_marker("status-sync", position, with_id=False))
             case ReadStreamPage(after_position=after, limit=limit):
                 events = await hub.read_page(follower.project_id, after, limit)
                 actions = subscription.on_page(events)
                 chunk = b"".join(sse_event(a.event) for a in actions if isinstance(a, Send))
                 if chunk:
-                    await response.write(chunk)
+                    await _write(response, chunk)
                 pending += [a for a in actions if not isinstance(a, Send)]
             case SendStreamCaughtUp(position=position):
-                await response.write(_sse_marker("caught-up", position, with_id=True))
+                await _write(response, _sse_marker("caught-up", position, with_id=True))
     # Live: whatever the tailer queued, and a comment now and then so that proxies and the
     # client can tell a quiet stream from a dead one.
     while True:
         try:
             message = await within(follower.live.get(), SSE_HEARTBEAT)
         except TimeoutError:
-            await response.write(b": keepalive\n\n")
+            await _write(response, b": keepalive\n\n")
             continue
         if message is None:
             return  # too slow, or the server is stopping: the client resumes from its last id
@@ -408,10 +429,10 @@ async def _pump(hub: StreamHub, follower: Follower, response: web.StreamResponse
         while not follower.live.empty():
             queued = follower.live.get_nowait()
             if queued is None:
-                await response.write(b"".join(batch))
+                await _write(response, b"".join(batch))
                 return
             batch.append(queued)
-        await response.write(b"".join(batch))
+        await _write(response, b"".join(batch))
 
 
 def routes() -> Iterable[web.RouteDef]:

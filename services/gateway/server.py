@@ -46,6 +46,7 @@ from schemas.wire import (
 from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
+from services.common.queries import QUERIES
 from services.common.timing import within
 
 from .clients import (
@@ -59,6 +60,7 @@ from .clients import (
     Client,
     StreamKey,
     close_connection,
+    stream_names,
 )
 from .config import GatewayConfig
 from .reader import Reader
@@ -548,6 +550,14 @@ class Gateway:
         ):
             client.close_soon(CLOSE_LIMIT, f"at most {self.config.max_subscriptions} subscriptions")
             return False
+        recorded = (
+            not principal.is_auditor
+            or key in client.subscriptions
+            or await self._record_audit(client, key, cursor)
+        )
+        if not recorded:
+            client.error("unavailable", "the read could not be recorded; try again")
+            return True
         subscription = client.subscribe(key, cursor)
         if subscription is None:
             return True
@@ -555,6 +565,32 @@ class Gateway:
         # (see Subscription).
         self._subscribers.setdefault(key, set()).add(client)
         client.dispatch(key, subscription.start())
+        return True
+
+    async def _record_audit(self, client: Client, key: StreamKey, cursor: int | None) -> bool:
+        """Auditors' reads are recorded (`audit_reads`), through the gateway too: a
+        subscription is recorded when it starts, before anything of it is sent."""
+        assert self._pool is not None
+        job_id, project_id, whole_log = stream_names(key)
+        filters = {
+            "jobId": [str(job_id)] if job_id else [],
+            "projectId": [project_id] if project_id else [],
+            "log": ["true"] if whole_log else [],
+            "after": [str(cursor)] if cursor is not None else [],
+        }
+        principal = client.principal
+        try:
+            async with self._pool.acquire(timeout=5) as conn:
+                await conn.fetchval(
+                    QUERIES["audit_subscription"],
+                    principal.user_id,
+                    sorted(principal.roles),
+                    json.dumps({k: v for k, v in filters.items() if v}),
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("auditor read not recorded", user=principal.user_id, error=repr(exc))
+            return False
+        log.info("auditor read", user=principal.user_id, stream=key[0], filters=filters)
         return True
 
     async def _heartbeats(self) -> None:

@@ -20,6 +20,7 @@ from services.common.auth import issue_token
 from services.common.eventlog import AppendRequest, NewEvent
 from services.sdk import (
     AuthenticationFailed,
+    CheckpointUnavailable,
     FileCheckpoint,
     MemoryCheckpoint,
     SubscriptionRefused,
@@ -280,3 +281,49 @@ async def test_live_only_starts_with_what_happens_next(stack: Stack) -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_backoff_stays_bounded_after_any_number_of_failures() -> None:
+    assert 0.0 <= backoff(5_000, cap=10.0) <= 10.0
+
+
+class FlakyCheckpoint(MemoryCheckpoint):
+    """Fails every other save, as a checkpoint store that comes and goes would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.saves: list[int] = []
+
+    async def save(self, position: int) -> None:
+        self.calls += 1
+        if self.calls % 2:
+            raise CheckpointUnavailable("down for a moment")
+        self.saves.append(position)
+        await super().save(position)
+
+
+async def test_checkpoints_count_events_and_survive_a_store_that_fails(stack: Stack) -> None:
+    mine = await new_job(stack.eventlog, project="demo")
+    other = await new_job(stack.eventlog, project="big")
+    for i in range(10):  # interleaved: the project's positions have gaps
+        await stack.eventlog.append(mine, 2 + i, [progress(i)])
+        await stack.eventlog.append(other, 2 + i, [progress(i)])
+    positions = await demo_positions(stack)
+    checkpoint = FlakyCheckpoint()
+    seen = []
+    async for event in subscribe(
+        stack.gateway_url,
+        token(),
+        project_id="demo",
+        checkpoint=checkpoint,
+        checkpoint_every=4,
+        checkpoint_interval=3600,
+    ):
+        seen.append(event.position)
+        if len(seen) == len(positions):
+            break
+    assert seen == positions
+    # Every 4 events a save is due; each failed one is tried again at the next event.
+    assert checkpoint.saves == [positions[4], positions[9]]
+    assert checkpoint.calls == 4

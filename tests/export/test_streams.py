@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from services.common.eventlog import EventLog
 from services.export.keys import EVENTLOG, STREAMS
-from tests.export.conftest import Client, ClientFactory, auth
+from tests.export.conftest import Client, ClientFactory, auth, token
 from tests.support import new_job, progress, wait_for
 
 
@@ -220,3 +221,50 @@ async def test_a_stream_that_cannot_keep_up_ends_and_resumes_without_loss(
     seen += [m for m in await take(again, "caught-up") if m.event.startswith("export:")]
     again.close()
     assert [m.data["seq"] for m in seen] == list(range(1, 43))
+
+
+async def test_concurrent_creations_of_one_consumer_all_succeed(api: Client) -> None:
+    for round_ in range(5):
+        answers = await asyncio.gather(
+            *(
+                api.put(f"/v1/consumers/race-{round_}", json={"projectId": "demo"}, headers=auth())
+                for _ in range(8)
+            )
+        )
+        assert sorted(a.status for a in answers) == [200] * 7 + [201]
+
+
+async def test_a_stream_ends_when_its_token_expires(api: Client) -> None:
+    short = {"Authorization": f"Bearer {token(ttl=1)}"}
+    response = await api.get("/v1/stream?projectId=demo", headers=short)
+    await take(response, "caught-up")
+    async with asyncio.timeout(10):
+        async for _ in messages(response):
+            pass  # the stream ends by itself once the token has expired
+    assert response.content.at_eof()
+
+
+async def test_a_client_that_stops_reading_is_cut_off(
+    api: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.export import streams
+
+    monkeypatch.setattr(streams, "SSE_WRITE_TIMEOUT", 0.5)
+    log: EventLog = api.app[EVENTLOG]
+    jobs = [await new_job(log, project="demo") for _ in range(20)]
+    for job in jobs:
+        await log.append(job, 2, [progress(i / 100) for i in range(500)])
+    # A raw client with a small receive buffer that asks for the whole replay and reads nothing.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", api.port))
+    request = (
+        "GET /v1/stream?projectId=demo&after=0 HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {token()}\r\n\r\n"
+    )
+    await asyncio.get_running_loop().sock_sendall(sock, request.encode())
+    hub = api.app[STREAMS]
+    await wait_for(lambda: bool(hub._followers), timeout=10)
+    await wait_for(lambda: not hub._followers, timeout=30)
+    sock.close()

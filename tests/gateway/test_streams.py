@@ -150,3 +150,17 @@ async def test_unsubscribing_a_project_stops_its_events(
         await ws.send(json.dumps({"type": "ping"}))
         rest = await receive_until(ws, lambda m: m["type"] == "pong")
         assert events_of(rest) == []  # the event came once: the project stream is gone
+
+
+async def test_an_auditors_subscriptions_are_recorded(gateway: Gateway, eventlog: EventLog) -> None:
+    await new_job(eventlog, project="p1")
+    async with await connect(gateway, user="audra", projects=(), roles=("auditor",)) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "projectId": "p1", "afterPosition": 0}))
+        await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+    async with await connect(gateway) as ws:  # an ordinary user: not recorded
+        await ws.send(json.dumps({"type": "subscribe", "projectId": "p1"}))
+        await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+    async with eventlog.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT auditor, method, filters FROM audit_reads")
+    assert [(r["auditor"], r["method"]) for r in rows] == [("audra", "SUBSCRIBE")]
+    assert json.loads(rows[0]["filters"]) == {"projectId": ["p1"], "after": ["0"]}
