@@ -172,6 +172,7 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
                 f"metrics {export_url}/metrics)\n"
                 f"  gateway         {gateway_url}/ws (health http://{config.host}:"
                 f"{config.gateway_port}/healthz)\n"
+                f"  demo page       {export_url}/demo/\n"
                 f"  demo project    {projects / 'demo'}\n\n"
                 f"  A token for user 'dev' on project 'demo' (valid 7 days):\n\n"
                 f"    export TOKEN={token}\n\n"

@@ -35,7 +35,10 @@ from .worker import CANCEL_CHANNEL, JOBS_CHANNEL
 log = structlog.get_logger(__name__)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/demo", "/demo/{path}"}
+)
+"""Routes (as their templates: `/demo/{path}` is every file of the demo page) open to all."""
 MAX_PAGE = 1000
 MAX_HISTORY_PAGE = 100
 MAX_IDEMPOTENCY_KEY = 200
@@ -107,7 +110,10 @@ class HistoryPage(msgspec.Struct, frozen=True, rename="camel"):
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Attach the caller's principal, or answer 401 with the reason."""
-    if request.path in PUBLIC_PATHS:
+    resource = request.match_info.route.resource
+    if request.path in PUBLIC_PATHS or (
+        resource is not None and resource.canonical in PUBLIC_PATHS
+    ):
         response: web.StreamResponse = await handler(request)
         return response
     try:

@@ -22,7 +22,7 @@ from services.common.notifier import Notifier
 from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
 
-from . import api, audit, download, openapi, streams
+from . import api, audit, download, openapi, streams, webroot
 from .config import ExportConfig
 from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, STREAMS, TASKS, VERIFIER, WORKER
 from .retention import RetentionSweeper, retention_seconds
@@ -143,6 +143,7 @@ def create_app(config: ExportConfig) -> web.Application:
     """The export service; raises ValueError for configuration it cannot run with."""
     verifier = _verifier(config)
     retention_seconds(config)  # refuse a bad EXPORT_ARCHIVE_RETENTION before serving
+    webroot.check_web_root(config.web_root)
     http_metrics = HttpMetrics(CollectorRegistry(), "export")
     app = web.Application(
         middlewares=[
@@ -167,6 +168,7 @@ def create_app(config: ExportConfig) -> web.Application:
             *audit.routes(),
             *streams.routes(),
             web.get("/projects/{project_id}/export/{job_id}/download", download.download_export),
+            *webroot.routes(),
         ]
     )
     return app

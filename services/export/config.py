@@ -73,6 +73,13 @@ class ExportConfig:
         default=1000,
         metadata={"help": "events per database read when streaming history or verifying ranges"},
     )
+    web_root: str = field(
+        default="",
+        metadata={
+            "help": "folder served at /demo/ (default: the web/ folder installed with the "
+            "package, or the checkout's web/)"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

@@ -63,6 +63,7 @@ from .audit import (
     JobTimeline,
 )
 from .streams import CONSUMER_NAME, SSE_HEARTBEAT, SSE_QUEUE, Ack, Consumer, ConsumerSpec
+from .webroot import CONTENT_TYPES, FALLBACK_CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
 
@@ -985,6 +986,115 @@ def _openapi() -> JSONSchema:
     )
 
 
+_NO_CACHE = {
+    "Cache-Control": _header(
+        "Always `no-cache`: the browser revalidates on every load, so an edit shows at once.",
+        {"type": "string", "const": "no-cache"},
+    ),
+    "X-Content-Type-Options": _header("Always `nosniff`.", {"type": "string", "const": "nosniff"}),
+}
+
+
+def _demo_media() -> JSONSchema:
+    """The media types a file of the web folder is served as, by its extension."""
+    media: JSONSchema = {}
+    for value in (*CONTENT_TYPES.values(), FALLBACK_CONTENT_TYPE):
+        kind = value.split(";")[0]
+        if kind == "application/json":
+            media[kind] = {"schema": {}}
+        elif kind.startswith(("text/", "application/typescript", "image/svg")):
+            media[kind] = {"schema": {"type": "string"}}
+        else:
+            media[kind] = {"schema": {"type": "string", "contentMediaType": kind}}
+    return media
+
+
+def _demo_redirect() -> JSONSchema:
+    return _operation(
+        "demoRedirect",
+        "The demo page",
+        "Redirects to `/demo/`, where the page's relative links resolve.",
+        "demo",
+        {
+            301: {
+                "description": "To `/demo/` (the query string kept).",
+                "headers": {
+                    "Location": _header("`/demo/`.", {"type": "string", "pattern": "^/demo/"})
+                },
+            }
+        },
+        public=True,
+    )
+
+
+def _demo_file() -> JSONSchema:
+    return _operation(
+        "demoFile",
+        "A file of the demo page",
+        "A file of the service's web folder (`EXPORT_WEB_ROOT`; by default the `web/` folder "
+        "shipped with the package): `/demo/` is the demo page (`index.html`), "
+        "`/demo/exportlog-client.js` the browser client. The page itself needs no token; it asks "
+        "for one. The content type follows the file's extension (`text/javascript` for `.js` "
+        "and `.mjs`, `application/typescript` for `.d.ts`), `application/octet-stream` for an "
+        "unknown one. A path ending in `/` answers that folder's `index.html`; folders are "
+        "never listed. Byte ranges and conditional requests (`If-None-Match`, "
+        "`If-Modified-Since`) are answered as for any static file.",
+        "demo",
+        {
+            200: {
+                "description": "The file.",
+                "headers": _NO_CACHE
+                | {
+                    "ETag": _header("Changes when the file changes.", {"type": "string"}),
+                    "Last-Modified": _header("The file's modification time.", {"type": "string"}),
+                },
+                "content": _demo_media(),
+            },
+            206: {
+                "description": "The requested byte range of the file, as the content type of "
+                "the whole file.",
+                "headers": _NO_CACHE
+                | {"Content-Range": _header("`bytes first-last/size`.", {"type": "string"})},
+                "content": {"*/*": {"schema": {"type": "string"}}},
+            },
+            301: {
+                "description": "The path names a folder that has an `index.html`: to the same "
+                "path with a `/` at the end.",
+                "headers": {
+                    "Location": _header("The folder's path.", {"type": "string", "pattern": "/$"})
+                },
+            },
+            304: {
+                "description": "The browser's copy is current (`If-None-Match` or "
+                "`If-Modified-Since` matches).",
+                "headers": _NO_CACHE,
+            },
+            404: _error(
+                404,
+                "No such file; also the answer to a folder without an `index.html`, a hidden "
+                "name, or a path that would leave the folder.",
+            ),
+            412: {"description": "`If-Match` or `If-Unmodified-Since` does not hold."},
+            416: {
+                "description": "The range starts past the end of the file.",
+                "headers": {
+                    "Content-Range": _header("`bytes */size`.", {"type": "string"}),
+                },
+            },
+        },
+        parameters=[
+            _parameter(
+                "path",
+                "path",
+                "The file's path in the folder (it may contain `/`); empty or ending in `/` for "
+                "a folder's `index.html`.",
+                {"type": "string"},
+            )
+        ],
+        public=True,
+    )
+
+
 def _paths() -> dict[str, JSONSchema]:
     base = "/projects/{project_id}/export"
     job = base + "/{job_id}"
@@ -1012,6 +1122,8 @@ def _paths() -> dict[str, JSONSchema]:
         "/readyz": {"get": _readyz()},
         "/metrics": {"get": _metrics()},
         "/openapi.json": {"get": _openapi()},
+        "/demo": {"get": _demo_redirect()},
+        "/demo/{path}": {"get": _demo_file()},
     }
 
 
@@ -1072,6 +1184,7 @@ def build_openapi() -> JSONSchema:
                 "description": "History queries, timelines and verification, for auditors.",
             },
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
+            {"name": "demo", "description": "The demo page and the browser client, as files."},
         ],
         "security": [{SECURITY_SCHEME: []}],
         "paths": _paths(),
