@@ -134,6 +134,7 @@ async def run_stack(config: CliConfig, environ: Mapping[str, str]) -> int:
             GATEWAY_HOST=config.host,
             GATEWAY_PORT=str(config.gateway_port),
             GATEWAY_EXPORT_URL=f"http://{config.host}:{config.export_port}",
+            EXPORT_GATEWAY_URL=f"ws://{config.host}:{config.gateway_port}/ws",
         )
         env.setdefault("JWT_SECRET", secret)
         token = issue_token(

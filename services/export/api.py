@@ -36,7 +36,15 @@ log = structlog.get_logger(__name__)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/demo", "/demo/{path}"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/demo",
+        "/demo/{path}",
+        "/demo/config.json",
+    }
 )
 """Routes (as their templates: `/demo/{path}` is every file of the demo page) open to all."""
 MAX_PAGE = 1000

@@ -80,6 +80,12 @@ class ExportConfig:
             "package, or the checkout's web/)"
         },
     )
+    gateway_url: str = field(
+        default="ws://127.0.0.1:8081/ws",
+        metadata={
+            "help": "the gateway's WebSocket URL, told to the demo page by /demo/config.json"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

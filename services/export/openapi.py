@@ -1095,6 +1095,34 @@ def _demo_file() -> JSONSchema:
     )
 
 
+def _demo_config() -> JSONSchema:
+    return _operation(
+        "demoConfig",
+        "The demo page's settings",
+        "What the demo page needs from the deployment: the gateway's WebSocket URL "
+        "(`EXPORT_GATEWAY_URL`). Served before the web folder, so a file named `config.json` "
+        "there is never shown.",
+        "demo",
+        {
+            200: _json(
+                {
+                    "type": "object",
+                    "required": ["gatewayUrl"],
+                    "properties": {
+                        "gatewayUrl": {
+                            "type": "string",
+                            "description": "The gateway's WebSocket URL, e.g. "
+                            "`ws://127.0.0.1:8081/ws`.",
+                        }
+                    },
+                },
+                "The settings.",
+            )
+        },
+        public=True,
+    )
+
+
 def _paths() -> dict[str, JSONSchema]:
     base = "/projects/{project_id}/export"
     job = base + "/{job_id}"
@@ -1123,6 +1151,7 @@ def _paths() -> dict[str, JSONSchema]:
         "/metrics": {"get": _metrics()},
         "/openapi.json": {"get": _openapi()},
         "/demo": {"get": _demo_redirect()},
+        "/demo/config.json": {"get": _demo_config()},
         "/demo/{path}": {"get": _demo_file()},
     }
 

@@ -12,6 +12,9 @@ to it; nothing ever lists a folder. A path with a `..`, `.` or empty segment, a 
 symbolic link, answers 404 like a missing file. Answers carry `Cache-Control: no-cache` (the
 browser revalidates with the ETag or Last-Modified on every load, so an edited file is never
 stale) and `X-Content-Type-Options: nosniff`, with a content type from the file's extension.
+
+`/demo/config.json` is not a file: it tells the page the gateway's WebSocket URL
+(`EXPORT_GATEWAY_URL`), which only the deployment knows.
 """
 
 from __future__ import annotations
@@ -124,6 +127,14 @@ async def demo_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(found, headers=headers)
 
 
+async def demo_config(request: web.Request) -> web.Response:
+    """GET /demo/config.json: what the page needs to know that only the deployment knows."""
+    config = request.app[CONFIG]
+    return web.json_response(
+        {"gatewayUrl": config.gateway_url}, headers=HEADERS | {"Cache-Control": "no-store"}
+    )
+
+
 def check_web_root(setting: str) -> None:
     """At start-up: refuse an EXPORT_WEB_ROOT that is not a folder; say so when the default
     folder is missing (the service still runs, and /demo/ answers 404)."""
@@ -137,5 +148,6 @@ def check_web_root(setting: str) -> None:
 def routes() -> list[web.RouteDef]:
     return [
         web.get(PREFIX, demo_redirect),
+        web.get(PREFIX + "/config.json", demo_config),
         web.get(PREFIX + "/{path:.*}", demo_file),
     ]

@@ -71,10 +71,11 @@ async def make_stack(
     stacks: list[Stack] = []
 
     async def make(workers: int = 0) -> Stack:
-        api = await make_client(workers=workers)
+        port = free_port()
+        api = await make_client(workers=workers, gateway_url=f"ws://127.0.0.1:{port}/ws")
         config = GatewayConfig(
             database_url=database_url,
-            port=free_port(),
+            port=port,
             jwt_secret=SECRET,
             export_url=f"http://127.0.0.1:{api.port}",
             poll_interval=0.2,

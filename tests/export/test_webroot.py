@@ -213,3 +213,12 @@ def test_the_package_list_names_every_package_and_ships_the_web_folder() -> None
     assert setuptools["package-dir"] == {"services.web": "web"}
     assert setuptools["package-data"]["services.web"] == ["**/*"]
     assert (ROOT / "web" / "index.html").is_file()
+
+
+async def test_the_page_learns_the_gateway_url_without_a_token(make_client: ClientFactory) -> None:
+    api = await make_client(workers=0, gateway_url="ws://gateway.test:9000/ws")
+    response = await api.get("/demo/config.json")
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    assert await response.json() == {"gatewayUrl": "ws://gateway.test:9000/ws"}
+    assert ExportConfig().gateway_url == "ws://127.0.0.1:8081/ws"
