@@ -17,7 +17,6 @@ import argparse
 import functools
 import inspect
 import json
-import sys
 import tomllib
 import typing
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from uuid import UUID
 import msgspec
 
 from schemas.events import Event, EventData, Progress, Queued, StageProgress, Started, encode_event
+from schemas.generated import write_or_check
 from schemas.jsonschema import (
     CLIENT_MESSAGE_FILE,
     ENVELOPE_FILE,
@@ -723,26 +723,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ASYNCAPI_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    out: Path = args.out
-    text = render(build_asyncapi())
-    current = out.read_text(encoding="utf-8") if out.is_file() else None
-
-    if args.check:
-        if current == text:
-            return 0
-        print(f"{'missing' if current is None else 'stale'}: {out}", file=sys.stderr)
-        print(
-            "the AsyncAPI document is out of date: run `make schemas` "
-            "(python -m schemas.asyncapi) and commit the result",
-            file=sys.stderr,
-        )
-        return 1
-
-    if current != text:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        print(f"wrote {out}")
-    return 0
+    return write_or_check(
+        args.out,
+        render(build_asyncapi()),
+        check=args.check,
+        what="AsyncAPI document",
+        command="python -m schemas.asyncapi",
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import tomllib
 from collections.abc import Sequence
 from importlib import metadata
@@ -27,6 +26,7 @@ import structlog
 from aiohttp import web
 
 from schemas.events import Event, EventData, ExportOptions
+from schemas.generated import write_or_check
 from schemas.jsonschema import (
     ENVELOPE_FILE,
     SCHEMA_DIR,
@@ -1270,26 +1270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OPENAPI_FILE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    out: Path = args.out
-    text = render(build_openapi())
-    current = out.read_text(encoding="utf-8") if out.is_file() else None
-
-    if args.check:
-        if current == text:
-            return 0
-        print(f"{'missing' if current is None else 'stale'}: {out}", file=sys.stderr)
-        print(
-            "the OpenAPI document is out of date: run `make schemas` "
-            "(python -m services.export.openapi) and commit the result",
-            file=sys.stderr,
-        )
-        return 1
-
-    if current != text:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        print(f"wrote {out}")
-    return 0
+    return write_or_check(
+        args.out,
+        render(build_openapi()),
+        check=args.check,
+        what="OpenAPI document",
+        command="python -m services.export.openapi",
+    )
 
 
 if __name__ == "__main__":
