@@ -152,10 +152,14 @@ class Authenticated(_ServerMessage, frozen=True, tag="authenticated"):
 
 
 class Error(_ServerMessage, frozen=True, tag="error"):
-    """A message the gateway could not accept; the connection stays open."""
+    """A message the gateway could not accept; the connection stays open. An answer about a
+    job names it (`jobId`), and the kind of request it answers (`request`: `subscribe` or
+    `export:cancel`), so a client with several requests in flight can tell them apart."""
 
     code: str
     message: str
+    job_id: UUID | None = None
+    request: str | None = None
 
 
 ServerMessage: TypeAlias = (

@@ -274,6 +274,10 @@ export interface ErrorMessage {
   type: "error";
   code: string;
   message: string;
+  /** The job the error is about, when it is about one. */
+  jobId?: string;
+  /** The request it answers: "subscribe" or "export:cancel". */
+  request?: string;
 }
 export type ServerMessage =
   | StatusSync

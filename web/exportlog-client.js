@@ -1039,17 +1039,26 @@ export class ExportLogClient {
   #error(message) {
     const code = typeof message.code === "string" ? message.code : "error";
     const text = typeof message.message === "string" ? message.message : "";
-    // Errors carry no job id field; the gateway's texts about a job name it.
-    let jobId = null;
-    for (const id of this.#jobs.keys()) if (text.includes(id)) jobId = id;
-    for (const request of this.#cancels) if (text.includes(request.jobId)) jobId = request.jobId;
+    // An error about a job names it (`jobId`) and the request it answers (`request`); a
+    // gateway older than those fields is matched by its texts, which name the job.
+    let jobId = typeof message.jobId === "string" ? message.jobId : null;
+    const answers = typeof message.request === "string" ? message.request : null;
+    if (jobId === null) {
+      for (const id of this.#jobs.keys()) if (text.includes(id)) jobId = id;
+      for (const request of this.#cancels) if (text.includes(request.jobId)) jobId = request.jobId;
+    }
     const error = new ExportLogError(code, text, jobId);
-    if (["not_found", "forbidden", "unavailable"].includes(code)) {
+    const aboutCancel =
+      answers === "export:cancel" ||
+      (answers === null && ["not_found", "forbidden", "unavailable"].includes(code));
+    if (aboutCancel) {
       // The gateway answers cancels in the order it got them, one at a time.
       const index = this.#cancels.findIndex(
         (r) => r.sent && (jobId === null ? code !== "not_found" : r.jobId === jobId),
       );
-      if (index >= 0 && (jobId !== null || /cancel|export service/.test(text))) {
+      const matched =
+        answers === "export:cancel" || jobId !== null || /cancel|export service/.test(text);
+      if (index >= 0 && matched) {
         const [request] = this.#cancels.splice(index, 1);
         const job = this.#jobs.get(request.jobId);
         if (job !== undefined && !this.#cancelPending(job.id)) {

@@ -246,8 +246,16 @@ class Client:
             self.close_soon(CLOSE_RESUME, "too slow: resume from your last seq")
             log.info("client too slow; asking it to resume", user=self.principal.user_id)
 
-    def error(self, code: str, message: str) -> None:
-        self.send(server_encoder.encode(Error(code=code, message=message)))
+    def error(
+        self,
+        code: str,
+        message: str,
+        *,
+        job_id: uuid.UUID | None = None,
+        request: str | None = None,
+    ) -> None:
+        error = Error(code=code, message=message, job_id=job_id, request=request)
+        self.send(server_encoder.encode(error))
 
     def flush(self) -> None:
         """Write every pending frame with one write to the socket (unless it is blocked)."""
@@ -381,7 +389,12 @@ class Client:
                 # The same answer for "no such job" and "not yours": existence is not
                 # revealed. Nothing of the job was sent: live events wait for the snapshot.
                 self.drop(key)
-                self.error("not_found", f"no export {job_id} you may follow")
+                self.error(
+                    "not_found",
+                    f"no export {job_id} you may follow",
+                    job_id=job_id,
+                    request="subscribe",
+                )
                 return
             self.dispatch(key, subscription.on_snapshot(state))
         elif isinstance(action, ReadPage):

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -91,6 +92,9 @@ def _offered_token(connection: ServerConnection) -> str | None:
                 return value.removeprefix("bearer.")
     return None
 
+
+CANCEL_REQUEST = "export:cancel"
+"""The `request` named by errors that answer an `export:cancel`."""
 
 PRINCIPAL_CACHE = 10_000
 """Verified tokens remembered (least recently used dropped first)."""
@@ -607,9 +611,10 @@ class Gateway:
         decides (and checks access); the answer comes back as export:cancel-ack."""
         assert self._eventlog is not None
         assert self._http is not None
+        about: dict[str, Any] = {"job_id": job_id, "request": CANCEL_REQUEST}
         state = await self._eventlog.job_state(job_id)
         if state is None or not client.principal.can_read(state.project_id):
-            client.error("not_found", f"no export {job_id} you may follow")
+            client.error("not_found", f"no export {job_id} you may follow", **about)
             return
         url = (
             f"{self.config.export_url.rstrip('/')}/projects/{state.project_id}"
@@ -623,7 +628,7 @@ class Gateway:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             log.warning("cancel not forwarded", job_id=str(job_id), error=repr(exc))
-            client.error("unavailable", "the export service did not answer; try again")
+            client.error("unavailable", "the export service did not answer; try again", **about)
             return
         if status == 202:
             ack = CancelAck(job_id=job_id, accepted=True, seq=body.get("seq"))
@@ -633,10 +638,10 @@ class Gateway:
                 job_id=job_id, accepted=False, seq=error.get("seq"), outcome=error.get("outcome")
             )
         elif status == 403:
-            client.error("forbidden", "this token may not cancel that export")
+            client.error("forbidden", "this token may not cancel that export", **about)
             return
         else:
-            client.error("unavailable", f"the export service answered {status}")
+            client.error("unavailable", f"the export service answered {status}", **about)
             return
         client.send(server_encoder.encode(ack))
 

@@ -439,6 +439,33 @@ describe("client", () => {
     }
   });
 
+  test("an error naming its job and request rejects that job's cancel", async () => {
+    const { gateway, client, seen } = setup();
+    try {
+      client.follow(JOB);
+      const socket = await gateway.accept(1);
+      resume(socket, EVENTS, { afterSeq: 0, headSeq: 4 });
+      const answer = client.cancel(JOB);
+      socket.push({
+        type: "error",
+        code: "unavailable",
+        message: "try again",
+        jobId: JOB,
+        request: "export:cancel",
+      });
+      await assert.rejects(answer, (error) => {
+        assert.ok(error instanceof ExportLogError);
+        assert.equal(error.code, "unavailable");
+        assert.equal(error.jobId, JOB);
+        return true;
+      });
+      assert.equal(client.state(JOB).cancelling, false);
+      assert.equal(seen.errors.length, 0);
+    } finally {
+      client.close();
+    }
+  });
+
   test("a cancel in flight when the connection drops is asked again", async () => {
     const { gateway, client } = setup();
     try {
