@@ -17,12 +17,14 @@ from typing import Any
 
 import structlog
 
-from . import appends, fanout
+from . import appends, export, fanout, socketio_compare
 from .common import DEFAULT_RESULTS_DIR, Context, provision_server
 
 BENCHMARKS: dict[str, Callable[[Context], Awaitable[None]]] = {
     appends.NAME: appends.main,
+    export.NAME: export.main,
     fanout.NAME: fanout.main,
+    socketio_compare.NAME: socketio_compare.main,
 }
 
 DEFAULT_SECONDS = 5.0
