@@ -48,7 +48,7 @@ from services.export.pipeline import (
     stage_weights,
 )
 from services.export.progress import ProgressTracker
-from services.export.worker import coalescing_reporter
+from services.export.worker import CoalescingReporter
 
 from .common import Context, Rendered, Table, run_benchmark
 
@@ -248,7 +248,7 @@ async def _run_on(project: Path, work: Path) -> _OnRun:
     last: dict[Stage, float] = {}
 
     # The worker's own callback: reports reach the loop coalesced (services/export/worker.py).
-    hand_over = coalescing_reporter(loop, queue.put_nowait)
+    hand_over = CoalescingReporter(loop, queue.put_nowait)
 
     def report(stage: Stage, current: int, total: int, item: str | None) -> None:
         began = time.perf_counter()
@@ -290,6 +290,7 @@ async def _run_on(project: Path, work: Path) -> _OnRun:
     try:
         result = await asyncio.to_thread(pipeline.run)
     finally:
+        hand_over.flush()
         queue.put_nowait(None)
         await pumping
     began = time.perf_counter()

@@ -67,42 +67,58 @@ _state_decoder = msgspec.json.Decoder(JobState)
 _Report = tuple[Stage, int, int, str | None]
 
 
-def coalescing_reporter(
-    loop: asyncio.AbstractEventLoop, deliver: Callable[[_Report], None]
-) -> Callable[[Stage, int, int, str | None], None]:
+class CoalescingReporter:
     """A report callback for the pipeline's thread that hands reports to `deliver` on `loop`.
 
     The pipeline reports every item (thousands per export); waking the event loop for each one
     cost an export about 10 % of its time (`python -m bench --only export`). Reports wait in a
-    list instead, the newest of a stage replacing the one before it, and the loop is woken at
-    most once until it has taken them: `deliver` sees every stage, in order, and its latest
-    count, which is all the progress tracker needs."""
-    lock = threading.Lock()
-    waiting: list[_Report] = []
-    woken = False
+    list instead, the newest of a stage replacing the one before it, and they are handed over
+    at most every `interval` seconds: `deliver` sees every stage, in order, and its latest
+    count, which is all the progress tracker needs (it throttles to 250 ms anyway). `flush()`,
+    on the loop, hands over what waits at once (at the end of a run)."""
 
-    def hand_over() -> None:
-        nonlocal woken
-        with lock:
-            taken = waiting.copy()
-            waiting.clear()
-            woken = False
-        for report in taken:
-            deliver(report)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[_Report], None],
+        *,
+        interval: float = 0.05,
+    ) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._waiting: list[_Report] = []
+        self._woken = False
+        self._last = 0.0
 
-    def report(stage: Stage, current: int, total: int, item: str | None) -> None:
-        nonlocal woken
-        with lock:
-            if waiting and waiting[-1][0] == stage:
-                waiting[-1] = (stage, current, total, item)
+    def __call__(self, stage: Stage, current: int, total: int, item: str | None) -> None:
+        with self._lock:
+            if self._waiting and self._waiting[-1][0] == stage:
+                self._waiting[-1] = (stage, current, total, item)
             else:
-                waiting.append((stage, current, total, item))
-            if woken:
+                self._waiting.append((stage, current, total, item))
+            if self._woken:
                 return
-            woken = True
-        loop.call_soon_threadsafe(hand_over)
+            self._woken = True
+        self._loop.call_soon_threadsafe(self._schedule)
 
-    return report
+    def _schedule(self) -> None:
+        delay = self._last + self._interval - self._loop.time()
+        if delay <= 0:
+            self.flush()
+        else:
+            self._loop.call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Hand over every waiting report now (on the loop)."""
+        with self._lock:
+            taken = self._waiting.copy()
+            self._waiting.clear()
+            self._woken = False
+        self._last = self._loop.time()
+        for report in taken:
+            self._deliver(report)
 
 
 """One pipeline report: stage, items done, items in all, the current item's name."""
@@ -331,11 +347,12 @@ class Worker:
             await self._cancelled(job)
             return
 
+        reporter = self._reporter(job)
         pipeline = ExportPipeline(
             self.data_root / job.project_id,
             work_dir,
             state.options,
-            report=self._reporter(job),
+            report=reporter,
             is_cancelled=job.cancel.is_set,
             archive_name=f"{job.project_id}-export-{str(job.job_id)[:8]}.zip",
         )
@@ -379,6 +396,7 @@ class Worker:
             try:
                 result = await asyncio.to_thread(pipeline.run, done_stages=done)
             finally:
+                reporter.flush()  # the last reports before the end
                 reports.put_nowait(None)
                 await pump
                 self._queues.pop(job.job_id, None)
@@ -441,7 +459,7 @@ class Worker:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def _reporter(self, job: RunningJob) -> Callable[[Stage, int, int, str | None], None]:
+    def _reporter(self, job: RunningJob) -> CoalescingReporter:
         """The pipeline thread's report callback: reports reach the job's queue on the loop."""
 
         def deliver(report: _Report) -> None:
@@ -449,7 +467,7 @@ class Worker:
             if queue is not None:
                 queue.put_nowait(report)
 
-        return coalescing_reporter(asyncio.get_running_loop(), deliver)
+        return CoalescingReporter(asyncio.get_running_loop(), deliver)
 
     async def _pump(
         self,
