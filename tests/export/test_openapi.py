@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 from aiohttp import ClientResponse
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from schemas.jsonschema import ENVELOPE_FILE, build_schemas, render
+from schemas.jsonschema import ENVELOPE_FILE, build_schemas
 from services.export.api import PUBLIC_PATHS
 from services.export.app import create_app
 from services.export.config import ExportConfig
-from services.export.openapi import OPENAPI_FILE, SECURITY_SCHEME, build_openapi, main
+from services.export.openapi import SECURITY_SCHEME, build_openapi
 from tests.export.conftest import Client, ClientFactory, auth
 from tests.support import wait_for
 
@@ -55,41 +53,6 @@ def validator_at(*segments: str) -> jsonschema.protocols.Validator:
 
 def operations(doc: dict[str, Any]) -> set[tuple[str, str]]:
     return {(path, method) for path, item in doc["paths"].items() for method in item}
-
-
-# --- the checked-in file -------------------------------------------------------------------------
-
-
-def test_the_checked_in_document_is_up_to_date() -> None:
-    assert OPENAPI_FILE.is_file(), f"{OPENAPI_FILE} is missing: run `make schemas`"
-    text = OPENAPI_FILE.read_text(encoding="utf-8")
-    stale = (
-        f"{OPENAPI_FILE} is out of date: run `make schemas` "
-        "(python -m services.export.openapi) and commit the result"
-    )
-    assert json.loads(text) == DOC, stale
-    assert text == render(DOC), stale
-
-
-def test_check_mode_reports_a_stale_or_missing_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "openapi.json"
-    assert main(["--check", "--out", str(out)]) == 1
-    assert not out.exists(), "--check must write nothing"
-    assert f"missing: {out}" in capsys.readouterr().err
-
-    assert main(["--out", str(out)]) == 0
-    assert out.read_text(encoding="utf-8") == render(DOC)
-    assert main(["--check", "--out", str(out)]) == 0
-
-    out.write_text("{}\n", encoding="utf-8")
-    capsys.readouterr()
-    assert main(["--check", "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert f"stale: {out}" in err
-    assert "make schemas" in err
-    assert out.read_text(encoding="utf-8") == "{}\n"
 
 
 # --- the document --------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from referencing.jsonschema import DRAFT202012
 
 from schemas.asyncapi import (
     ADDRESS,
-    ASYNCAPI_FILE,
     CLOSE_CODES,
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -27,7 +26,6 @@ from schemas.asyncapi import (
     SUBPROTOCOL,
     TOKEN_SUBPROTOCOL_PREFIX,
     build_asyncapi,
-    main,
 )
 from schemas.events import EVENT_TYPES, decode_event, encode_event
 from schemas.jsonschema import (
@@ -95,41 +93,6 @@ def message_ids(items: list[dict[str, str]], channel: str) -> list[str]:
     prefix = f"#/channels/{channel}/messages/"
     assert all(item["$ref"].startswith(prefix) for item in items), items
     return [item["$ref"].removeprefix(prefix) for item in items]
-
-
-# --- the checked-in file -------------------------------------------------------------------------
-
-
-def test_the_checked_in_document_is_up_to_date() -> None:
-    assert ASYNCAPI_FILE.is_file(), f"{ASYNCAPI_FILE} is missing: run `make schemas`"
-    text = ASYNCAPI_FILE.read_text(encoding="utf-8")
-    stale = (
-        f"{ASYNCAPI_FILE} is out of date: run `make schemas` "
-        "(python -m schemas.asyncapi) and commit the result"
-    )
-    assert json.loads(text) == DOC, stale
-    assert text == render(DOC), stale
-
-
-def test_check_mode_reports_a_stale_or_missing_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "asyncapi.json"
-    assert main(["--check", "--out", str(out)]) == 1
-    assert not out.exists(), "--check must write nothing"
-    assert f"missing: {out}" in capsys.readouterr().err
-
-    assert main(["--out", str(out)]) == 0
-    assert out.read_text(encoding="utf-8") == render(DOC)
-    assert main(["--check", "--out", str(out)]) == 0
-
-    out.write_text("{}\n", encoding="utf-8")
-    capsys.readouterr()
-    assert main(["--check", "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert f"stale: {out}" in err
-    assert "make schemas" in err
-    assert out.read_text(encoding="utf-8") == "{}\n"
 
 
 # --- the document's structure --------------------------------------------------------------------
