@@ -9,8 +9,9 @@ Measured, each for a fixed time after a warm-up, with one closed-loop writer per
 * the two costs DESIGN.md (guarantee 3) asks to measure, at 16 writers: a NOTIFY per append
   transaction, and the advisory lock (trigger `events_serialize_appends`) that hands out global
   positions in commit order, each switched off on its own and both together;
-* group commit, early look: 1,000 tasks appending one event at a time to their own jobs through a
-  batcher that sends whatever is waiting to `EventLog.append_many` in one transaction;
+* group commit, as the export service runs it (`EventLog(group_commit=...)`): the issue's goal as
+  an open-loop load (1,000 jobs reporting progress at 20,000 events/s in all, latency counted
+  from when each append was due), and a closed-loop sweep over 1 to 1,000 concurrent jobs;
 * tailing: `EventLog.tail` in pages of 1,000 over every event written, next to the same query
   without building events.
 
@@ -34,9 +35,9 @@ import asyncpg
 from schemas.events import Message, Progress, Queued, StageProgress, Started, encode_data
 from services.common.eventlog import (
     AppendRequest,
-    AppendResult,
     EventLog,
     EventLogError,
+    GroupCommit,
     NewEvent,
 )
 from services.common.notifier import Notifier
@@ -76,8 +77,6 @@ RAW_INSERT = "INSERT INTO raw_events (job_id, seq, type, data) VALUES ($1, $2, $
 APPEND_LOCK_TRIGGER = "events_serialize_appends"
 # Background load (busy cores while the benchmark idles) above which the report warns.
 BUSY_MACHINE_CORES = 0.25
-# How long an idle batcher flusher waits before checking whether it should stop.
-_FLUSHER_POLL_SECONDS = 0.05
 # Jobs created per setup transaction (outside the timed window).
 _SETUP_CHUNK = 500
 
@@ -92,9 +91,14 @@ class Settings:
     """The concurrent writer count compared with a single writer."""
     batch_events: int = 100
     jobs_per_writer: int = 4
-    batcher_jobs: int = 1000
-    batcher_max: int = 500
-    batcher_connections: int = 4
+    group_jobs: int = 1000
+    """Jobs of the group-commit goal (issue 8): 1,000 jobs, 20,000 events/s, p99 < 20 ms."""
+    group_rate: float = 20_000.0
+    group_max_batch: int = 500
+    group_in_flight: int = 2
+    group_seconds: float = 5.0
+    group_sweep: tuple[int, ...] = (1, 10, 100, 1000)
+    """Concurrent jobs of the closed-loop sweep: append rate and latency against concurrency."""
     tail_page: int = 1000
     tail_budget: float = 10.0
     """Longest a tail scan may take; it stops earlier when it has read every event."""
@@ -298,115 +302,102 @@ async def measure_append(
 # --------------------------------------------------------------------------- group commit
 
 
-class Batcher:
-    """Funnels one-event appends from many tasks into `EventLog.append_many` transactions.
-
-    Whatever requests are waiting when a flusher is free go into its next transaction, up to
-    `max_batch`: under light load a batch holds one append and costs what `append` costs, under
-    heavy load one commit (its WAL flush, its NOTIFY, its turn at the append lock) is shared by
-    hundreds of appends. This is the simplest form of group commit, an early look at what the
-    service could gain from it; it adds no timer, so it never delays a lone append.
-    """
-
-    def __init__(self, log: EventLog, window: Window, *, max_batch: int) -> None:
-        self._log = log
-        self._window = window
-        self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[AppendRequest, asyncio.Future[AppendResult]]]
-        self._queue = asyncio.Queue()
-        self._closed = False
-        self.batch_sizes: list[int] = []
-        """Sizes of the batches committed inside the timed window."""
-
-    async def append(self, request: AppendRequest) -> AppendResult:
-        """Queue one append and wait until the transaction carrying it has committed."""
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((request, future))
-        return await future
-
-    def close(self) -> None:
-        """Let the flushers stop once the queue is empty."""
-        self._closed = True
-
-    async def run_flusher(self) -> None:
-        """Commit batches until closed and drained; run a few of these, one per connection."""
-        while not (self._closed and self._queue.empty()):
-            try:
-                async with asyncio.timeout(_FLUSHER_POLL_SECONDS):
-                    first = await self._queue.get()
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._flush(batch)
-
-    async def _flush(self, batch: list[tuple[AppendRequest, asyncio.Future[AppendResult]]]) -> None:
-        try:
-            results = await self._log.append_many([request for request, _ in batch])
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            raise
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        finished = time.perf_counter()
-        if self._window.opens <= finished <= self._window.closes:
-            self.batch_sizes.append(len(batch))
-        self._window.record_transactions(finished)
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, EventLogError):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+def _group_log(shared: asyncpg.Pool, settings: Settings) -> EventLog:
+    """An event log that group-commits exactly as the export service's does by default."""
+    return EventLog(
+        shared,
+        notify=False,
+        group_commit=GroupCommit(
+            max_batch=settings.group_max_batch, in_flight=settings.group_in_flight
+        ),
+    )
 
 
-async def measure_batcher(dsn: str, settings: Settings) -> Sample:
-    """`batcher_jobs` tasks, each appending one event at a time to its own job, through a
-    `Batcher` with `batcher_connections` flushers; latency is what each task waits."""
+async def _count_batches_at_open(
+    log: EventLog, window: Window, counts: list[tuple[int, int]]
+) -> None:
+    """Note the log's group-commit counters when the timed window opens."""
+    await asyncio.sleep(max(0.0, window.opens - time.perf_counter()))
+    counts.append((log.batches, log.appends_batched))
+
+
+def _batch_figures(log: EventLog, before: tuple[int, int]) -> dict[str, Any]:
+    batches = log.batches - before[0]
+    appends = log.appends_batched - before[1]
+    return {
+        "transactions_total": batches,
+        "appends_per_transaction": round(appends / batches, 1) if batches else None,
+    }
+
+
+async def measure_group_closed(dsn: str, settings: Settings, *, jobs: int) -> Sample:
+    """`jobs` tasks, each appending one event at a time to its own job and waiting for it (a
+    closed loop: the most the log takes), through the service's group commit."""
     payload = progress_payload(settings.payload_bytes)
-    async with pool(dsn, settings.batcher_connections) as shared:
-        log = EventLog(shared)
-        seqs = await create_jobs(log, settings.batcher_jobs)
-        window = Window(warmup=settings.warmup, seconds=settings.seconds)
-        batcher = Batcher(log, window, max_batch=settings.batcher_max)
+    async with pool(dsn, settings.group_in_flight + 1) as shared:
+        log = _group_log(shared, settings)
+        seqs = await create_jobs(log, jobs)
+        window = Window(warmup=settings.warmup, seconds=settings.group_seconds)
+        counts: list[tuple[int, int]] = []
 
         async def producer(job: UUID, seq: int) -> None:
             while window.accepting():
                 started = time.perf_counter()
-                request = AppendRequest(
-                    job_id=job, expected_seq=seq, events=[_progress_event(payload)]
-                )
-                seq = (await batcher.append(request)).last_seq
+                seq = (await log.append(job, seq, [_progress_event(payload)])).last_seq
                 window.record(started, time.perf_counter(), events=1, transactions=0)
 
-        async with asyncio.timeout(window.deadline_seconds), asyncio.TaskGroup() as flushers:
-            for _ in range(settings.batcher_connections):
-                flushers.create_task(batcher.run_flusher())
-            flushers.create_task(window.watch_cpu())
-            try:
-                async with asyncio.TaskGroup() as producers:
-                    for job, seq in seqs.items():
-                        producers.create_task(producer(job, seq))
-            finally:
-                batcher.close()
-    sizes = sorted(batcher.batch_sizes)
+        async with asyncio.timeout(window.deadline_seconds), asyncio.TaskGroup() as group:
+            group.create_task(window.watch_cpu())
+            group.create_task(_count_batches_at_open(log, window, counts))
+            for job, seq in seqs.items():
+                group.create_task(producer(job, seq))
+        await log.aclose()
+    window.record_transactions(window.opens, log.batches - (counts[0][0] if counts else 0))
+    return window.sample(jobs=jobs, **_batch_figures(log, counts[0] if counts else (0, 0)))
+
+
+async def measure_group_open(dsn: str, settings: Settings) -> Sample:
+    """The issue's goal as a load: `group_jobs` jobs each reporting progress at a steady rate,
+    `group_rate` events/s in all (an open loop: an append is due at its time whether or not the
+    log kept up). Latency runs from when an append was due, so a log that falls behind shows it
+    in full instead of hiding it by sending less (no coordinated omission); a job whose append
+    is still under way when its next one is due sends that one late."""
+    payload = progress_payload(settings.payload_bytes)
+    jobs, rate = settings.group_jobs, settings.group_rate
+    interval = jobs / rate
+    async with pool(dsn, settings.group_in_flight + 1) as shared:
+        log = _group_log(shared, settings)
+        seqs = await create_jobs(log, jobs)
+        window = Window(warmup=settings.warmup, seconds=settings.group_seconds)
+        late = 0
+        counts: list[tuple[int, int]] = []
+        begin = time.perf_counter()
+
+        async def reporter(number: int, job: UUID, seq: int) -> None:
+            nonlocal late
+            due = begin + interval * number / jobs  # spread evenly over one interval
+            while due < window.closes:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                elif -delay > interval and window.opens <= due:
+                    late += 1
+                seq = (await log.append(job, seq, [_progress_event(payload)])).last_seq
+                window.record(due, time.perf_counter(), events=1, transactions=0)
+                due += interval
+
+        async with asyncio.timeout(window.deadline_seconds), asyncio.TaskGroup() as group:
+            group.create_task(window.watch_cpu())
+            group.create_task(_count_batches_at_open(log, window, counts))
+            for number, (job, seq) in enumerate(seqs.items()):
+                group.create_task(reporter(number, job, seq))
+        await log.aclose()
+    window.record_transactions(window.opens, log.batches - (counts[0][0] if counts else 0))
     return window.sample(
-        jobs=settings.batcher_jobs,
-        connections=settings.batcher_connections,
-        max_batch=settings.batcher_max,
-        batch_size={
-            "mean": round(sum(sizes) / len(sizes), 1) if sizes else None,
-            "p50": sizes[len(sizes) // 2] if sizes else None,
-            "max": sizes[-1] if sizes else None,
-        },
+        jobs=jobs,
+        target_events_per_s=rate,
+        sent_late_by_an_interval=late,
+        **_batch_figures(log, counts[0] if counts else (0, 0)),
     )
 
 
@@ -551,10 +542,20 @@ def plan(settings: Settings) -> list[Spec]:
             baseline=f"raw_insert_{n}",
         ),
         Spec(
-            "batcher",
-            f"append_many batcher, {settings.batcher_jobs:,} jobs × 1 event",
-            measure_batcher,
+            "group_open",
+            f"group commit, {settings.group_jobs:,} jobs at {settings.group_rate:,.0f} events/s"
+            " (open loop)",
+            measure_group_open,
             baseline=f"raw_insert_{n}",
+        ),
+        *(
+            Spec(
+                f"group_closed_{jobs}",
+                f"group commit, {jobs:,} job{'s' if jobs > 1 else ''} × 1 event (closed loop)",
+                p(measure_group_closed, jobs=jobs),
+                baseline=f"raw_insert_{n}",
+            )
+            for jobs in settings.group_sweep
         ),
         Spec(
             f"raw_batch_{n}",
@@ -738,24 +739,80 @@ def choices_table(report: Report) -> Table:
     return table
 
 
-def _notes(report: Report) -> list[str]:
-    n = report.settings.many
+def _group_notes(report: Report) -> list[str]:
+    settings = report.settings
+    n = settings.many
     lines: list[str] = []
-    batcher = report.samples.get("batcher")
-    per_call = report.samples.get(f"append_one_{n}")
-    if batcher is not None and per_call is not None:
-        size = batcher.extra.get("batch_size", {})
-        lines.append(
-            f"Group commit (early look): {batcher.events_per_s:,.0f} one-event appends/s from "
-            f"{report.settings.batcher_jobs:,} jobs over {report.settings.batcher_connections} "
-            f"connections, mean {size.get('mean')} appends per transaction (max {size.get('max')}),"
-            f" {_fmt_ratio(report.ratio('batcher', f'append_one_{n}'))} of `append` with "
-            f"{n} writers, {_fmt_ratio(report.ratio('batcher', f'raw_insert_{n}'))} of raw "
-            f"single-row INSERTs; per-append wait p50 {batcher.p50_ms:.1f} ms, "
-            f"p99 {batcher.p99_ms:.1f} ms. The loop is closed (every job always has an append "
-            f"waiting), so the wait is mostly queueing: jobs ÷ throughput = "
-            f"{_little(report.settings.batcher_jobs, batcher.events_per_s)} ms."
+    goal = report.samples.get("group_open")
+    if goal is not None:
+        target = settings.group_rate
+        verdict = (
+            "goal met"
+            if goal.events_per_s >= 0.98 * target and goal.p99_ms < 20
+            else "goal NOT met"
         )
+        lines.append(
+            f"Group commit, the goal (20,000 events/s from 1,000 jobs, p99 < 20 ms): "
+            f"{goal.events_per_s:,.0f} events/s of {target:,.0f} offered by "
+            f"{settings.group_jobs:,} jobs, p50 {goal.p50_ms:.1f} ms, p99 {goal.p99_ms:.1f} ms "
+            f"from when each append was due; {goal.extra.get('appends_per_transaction')} appends "
+            f"per transaction; {_fmt_ratio(report.ratio('group_open', f'raw_insert_{n}'))} of raw "
+            f"single-row INSERTs on {n} connections — {verdict}."
+        )
+    closed = [
+        (jobs, report.samples[f"group_closed_{jobs}"])
+        for jobs in settings.group_sweep
+        if f"group_closed_{jobs}" in report.samples
+    ]
+    if closed:
+        points = "; ".join(
+            f"{jobs:,} job{'s' if jobs > 1 else ''}: {s.events_per_s:,.0f}/s, p99 "
+            f"{s.p99_ms:.1f} ms, {s.extra.get('appends_per_transaction')} per tx"
+            for jobs, s in closed
+        )
+        lines.append(
+            "Group commit, closed loop (each job waits for its append before the next; the "
+            f"most the log takes at that concurrency): {points}."
+        )
+    return lines
+
+
+def group_commit_json(report: Report) -> dict[str, Any]:
+    """The keys `bench.plots` and the summary read: the goal's figure and the sweep."""
+    n = report.settings.many
+    raw = report.samples.get(f"raw_insert_{n}")
+    raw_rate = round(raw.events_per_s, 1) if raw is not None else None
+    goal = report.samples.get("group_open")
+    payload: dict[str, Any] = {}
+    if goal is not None:
+        payload["group_commit"] = {
+            "events_per_s": round(goal.events_per_s, 1),
+            "target_events_per_s": report.settings.group_rate,
+            "jobs": report.settings.group_jobs,
+            "p50_ms": _rounded(goal.p50_ms),
+            "p99_ms": _rounded(goal.p99_ms),
+            "raw_events_per_s": raw_rate,
+            "ratio_to_raw": _rounded(report.ratio("group_open", f"raw_insert_{n}")),
+            "appends_per_transaction": goal.extra.get("appends_per_transaction"),
+        }
+    payload["sweep"] = [
+        {
+            "jobs": jobs,
+            "events_per_s": round(sample.events_per_s, 1),
+            "p50_ms": _rounded(sample.p50_ms),
+            "p99_ms": _rounded(sample.p99_ms),
+            "raw_events_per_s": raw_rate,
+            "appends_per_transaction": sample.extra.get("appends_per_transaction"),
+        }
+        for jobs in report.settings.group_sweep
+        if (sample := report.samples.get(f"group_closed_{jobs}")) is not None
+    ]
+    return payload
+
+
+def _notes(report: Report) -> list[str]:
+    lines: list[str] = []
+    lines.extend(_group_notes(report))
     tail = report.samples.get("tail")
     if tail is not None:
         state = "every event" if tail.extra.get("complete") else "stopped at the time budget"
@@ -792,7 +849,7 @@ def render(
     method = (
         f"{settings.seconds:g} s per figure after {settings.warmup:g} s warm-up; payload "
         f"{len(encode_data(progress_payload(settings.payload_bytes)))} bytes of JSON; latency per "
-        f"call (per transaction; for the batcher, per append as its task waits); CPU is busy "
+        f"call (per transaction; for group commit, per append as its job waits); CPU is busy "
         f"cores on average: this process, and the whole machine ({machine.get('cpu_count')} "
         f"CPUs, server included)."
     )
@@ -864,6 +921,7 @@ def render(
             }
             for label, with_key, without_key in _choices(report)
         },
+        **group_commit_json(report),
         "log": report.log_stats,
         "notes": notes,
     }

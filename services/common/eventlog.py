@@ -7,6 +7,7 @@ each append before it is written, and writes every append with one round trip.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -120,6 +121,46 @@ class _Prepared(msgspec.Struct):
     state: JobState | None
 
 
+class GroupCommit(msgspec.Struct, frozen=True, kw_only=True):
+    """How an EventLog gathers appends into shared transactions (see `EventLog.append`)."""
+
+    max_batch: int = 500
+    """Appends per transaction at most: bounds a transaction's time under the append lock."""
+    in_flight: int = 2
+    """Transactions under way at once: while one waits for its commit, the next is prepared."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.in_flight < 1:
+            raise ValueError("group commit needs max_batch >= 1 and in_flight >= 1")
+
+
+_Waiting = tuple[AppendRequest, "asyncio.Future[AppendResult | EventLogError]"]
+
+
+def _check(request: AppendRequest) -> None:
+    if not request.events:
+        raise ValueError("an append needs at least one event")
+    if request.expected_seq < 0:
+        raise ValueError("expected_seq cannot be negative")
+    if request.expected_seq == 0 and (not request.project_id or not request.owner_id):
+        raise ValueError("a new job's first append needs project_id and owner_id")
+
+
+def _rounds(prepared: Sequence[_Prepared]) -> list[list[int]]:
+    """Slots of `prepared` grouped so that no job appears twice in a group, in order: the n-th
+    append to a job goes into the n-th group."""
+    rounds: list[list[int]] = []
+    seen: dict[UUID, int] = {}
+    for slot, item in enumerate(prepared):
+        job_id = item.request.job_id
+        index = seen.get(job_id, 0)
+        seen[job_id] = index + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(slot)
+    return rounds
+
+
 class EventLog:
     """Appends to and reads from the log through a connection pool.
 
@@ -135,15 +176,24 @@ class EventLog:
         notify: bool = True,
         on_commit: Callable[[], None] | None = None,
         state_cache_size: int = 10_000,
+        group_commit: GroupCommit | None = None,
     ) -> None:
         """`notify`: NOTIFY inside each append transaction. `on_commit`: called after an append
         of ours commits (a `Notifier.poke`, the cheaper way to wake readers under load); with
-        `conn=` the caller owns the commit and calls it."""
+        `conn=` the caller owns the commit and calls it. `group_commit`: how appends made
+        without `conn=` are gathered into shared transactions (None: one transaction each)."""
         self._pool = pool
         self._notify = notify
         self._on_commit = on_commit
         self._cache_size = state_cache_size
         self._states: OrderedDict[UUID, JobState] = OrderedDict()
+        self._group = group_commit
+        self._waiting: list[_Waiting] = []
+        self._in_flight = 0
+        self._flushes: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        """Group-commit transactions made so far (with `appends_batched`, the mean batch size)."""
+        self.appends_batched = 0
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -180,10 +230,68 @@ class EventLog:
             project_id=project_id,
             owner_id=owner_id,
         )
-        (result,) = await self.append_many([request], conn=conn)
+        if conn is None and self._group is not None:
+            _check(request)
+            result = await self._join_group(request)
+        else:
+            (result,) = await self.append_many([request], conn=conn)
         if isinstance(result, EventLogError):
             raise result
         return result
+
+    # -- group commit ----------------------------------------------------------------------
+    #
+    # Appends made without `conn=` queue up; whenever fewer than `in_flight` transactions are
+    # under way, everything queued (up to `max_batch`) leaves in one `append_many`. A lone
+    # append therefore leaves at once, with no timer to wait for, and under load each
+    # transaction carries whatever arrived while the previous ones were committing: one round
+    # trip, one commit, one turn at the append lock and one wake-up of readers for all of them.
+
+    async def _join_group(self, request: AppendRequest) -> AppendResult | EventLogError:
+        future: asyncio.Future[AppendResult | EventLogError]
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        self._start_flushes()
+        # Cancelling the caller does not take the append back: it may commit all the same,
+        # exactly as a cancelled single append may (retrying with the same event ids is safe).
+        return await future
+
+    def _start_flushes(self) -> None:
+        assert self._group is not None
+        while self._waiting and self._in_flight < self._group.in_flight:
+            batch = self._waiting[: self._group.max_batch]
+            del self._waiting[: self._group.max_batch]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Waiting]) -> None:
+        try:
+            results = await self.append_many([request for request, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self.batches += 1
+            self.appends_batched += len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            self._start_flushes()
+
+    async def aclose(self) -> None:
+        """Wait for the group-commit transactions under way (new appends still start them)."""
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
 
     async def append_many(
         self, requests: Sequence[AppendRequest], *, conn: asyncpg.Connection | None = None
@@ -194,12 +302,7 @@ class EventLog:
         when each expects the seq the previous one leaves.
         """
         for request in requests:
-            if not request.events:
-                raise ValueError("an append needs at least one event")
-            if request.expected_seq < 0:
-                raise ValueError("expected_seq cannot be negative")
-            if request.expected_seq == 0 and (not request.project_id or not request.owner_id):
-                raise ValueError("a new job's first append needs project_id and owner_id")
+            _check(request)
         # Sorted by job id (stable, so one job's appends keep their order): concurrent batches
         # then lock job rows in the same order and cannot deadlock.
         order = sorted(range(len(requests)), key=lambda i: requests[i].job_id.bytes)
@@ -226,8 +329,21 @@ class EventLog:
         self, conn: asyncpg.Connection, requests: Sequence[AppendRequest]
     ) -> tuple[list[asyncpg.Record], list[_Prepared]]:
         prepared = await self._prepare(conn, requests)
-        rows = await conn.fetch(QUERIES["append_events"], *self._arguments(prepared))
-        return rows, prepared
+        rounds = _rounds(prepared)
+        if len(rounds) <= 1:
+            # The common case, whatever the batch size: one statement, one round trip.
+            rows = await conn.fetch(QUERIES["append_events"], *self._arguments(prepared))
+            return rows, prepared
+        # A job appended to more than once: one call per round, in one transaction; a round's
+        # append expects the seq the previous round leaves, so it fails if that one failed.
+        by_slot: dict[int, asyncpg.Record] = {}
+        async with conn.transaction():
+            for slots in rounds:
+                part = [prepared[slot] for slot in slots]
+                rows = await conn.fetch(QUERIES["append_events"], *self._arguments(part))
+                for slot, row in zip(slots, rows, strict=True):
+                    by_slot[slot] = row
+        return [by_slot[slot] for slot in range(len(prepared))], prepared
 
     async def _prepare(
         self, conn: asyncpg.Connection, requests: Sequence[AppendRequest]
@@ -291,12 +407,13 @@ class EventLog:
         owners: list[str] = []
         statuses: list[str] = []
         states: list[str] = []
+        appends: list[int] = []
         ids: list[UUID] = []
         types: list[str] = []
         data: list[str] = []
         actors: list[str] = []
         occurred: list[datetime] = []
-        for item in prepared:
+        for number, item in enumerate(prepared, start=1):
             request = item.request
             job_ids.append(request.job_id)
             expected.append(request.expected_seq)
@@ -310,6 +427,7 @@ class EventLog:
                 statuses.append(item.state.status)
                 states.append(_state_encoder.encode(item.state).decode())
             for new in request.events:
+                appends.append(number)
                 ids.append(new.event_id)
                 types.append(type_of(new.data))
                 data.append(encode_data(new.data).decode())
@@ -317,7 +435,7 @@ class EventLog:
                 occurred.append(new.occurred_at)
         return [
             job_ids, expected, counts, projects, owners, statuses, states,
-            ids, types, data, actors, occurred, self._notify,
+            appends, ids, types, data, actors, occurred, self._notify,
         ]  # fmt: skip
 
     def _result(

@@ -5,8 +5,8 @@
 -- Append to one or many jobs in one transaction; see append_events() in the migrations.
 SELECT append_no, result, current_seq, first_position, last_position
   FROM append_events($1::uuid[], $2::integer[], $3::integer[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::uuid[], $9::text[], $10::text[], $11::text[],
-                     $12::timestamptz[], $13::boolean);
+                     $6::text[], $7::text[], $8::integer[], $9::uuid[], $10::text[], $11::text[],
+                     $12::text[], $13::timestamptz[], $14::boolean);
 
 -- name: job_head
 -- The projection row of one job: where its stream ends and its folded state there.
@@ -182,10 +182,10 @@ SELECT lease_owner, state FROM jobs WHERE job_id = $1;
 -- name: expirable_archives
 -- Completed jobs that completed more than $1 seconds ago and whose archive has not expired,
 -- oldest first, at most $2, locked until the caller's transaction ends. Rows another sweeper
--- holds are skipped, so concurrent sweepers share the work. Served by jobs_archive_live (0005).
+-- holds are skipped, so concurrent sweepers share the work. Served by jobs_archive_live (0006).
 SELECT job_id, last_seq
   FROM jobs
- WHERE status = 'completed' AND (state ->> 'archiveExpired') IS DISTINCT FROM 'true'
+ WHERE status = 'completed' AND NOT archive_expired
    AND created_at < now() - make_interval(secs => $1)
    AND (state ->> 'finishedAt')::timestamptz < now() - make_interval(secs => $1)
  ORDER BY created_at, job_id
@@ -196,8 +196,7 @@ SELECT job_id, last_seq
 -- Which of these jobs the log shows with an expired archive (their files may be deleted).
 SELECT job_id
   FROM jobs
- WHERE job_id = ANY ($1::uuid[]) AND status = 'completed'
-   AND (state ->> 'archiveExpired') = 'true';
+ WHERE job_id = ANY ($1::uuid[]) AND status = 'completed' AND archive_expired;
 
 -- name: job_states
 -- The projected state of many jobs at once (the gateway's coalesced snapshot reads).

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.auth import TokenVerifier
 from services.common.db import create_pool, migrate, pending_migrations
-from services.common.eventlog import EventLog
+from services.common.eventlog import EventLog, GroupCommit
 from services.common.notifier import Notifier
 from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
@@ -49,10 +49,17 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if config.migrate:
             async with pool.acquire() as conn:
                 await migrate(conn)
+        group = (
+            GroupCommit(max_batch=config.append_batch_max, in_flight=config.append_in_flight)
+            if config.append_batch_max > 0
+            else None
+        )
         if config.notify == "transaction":
-            eventlog = EventLog(pool, notify=True)
+            eventlog = EventLog(pool, notify=True, group_commit=group)
         else:
-            eventlog = EventLog(pool, notify=False, on_commit=notifier.poke)
+            eventlog = EventLog(
+                pool, notify=False, on_commit=notifier.poke, group_commit=group
+            )
         worker = Worker(pool, eventlog, config)
         app[POOL] = pool
         app[NOTIFIER] = notifier
@@ -87,6 +94,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 pass
             except Exception:
                 log.exception("background task had failed", task=task.get_name())
+        if EVENTLOG in app:
+            await app[EVENTLOG].aclose()
         try:
             await within(pool.close(), 10)
         except TimeoutError:

@@ -22,6 +22,16 @@ class ExportConfig:
             "connection of its own) or transaction (a NOTIFY inside each append)"
         },
     )
+    append_batch_max: int = field(
+        default=500,
+        metadata={
+            "help": "group commit: appends of different jobs written in one transaction at "
+            "most; 0 writes each append in a transaction of its own"
+        },
+    )
+    append_in_flight: int = field(
+        default=2, metadata={"help": "group commit: append transactions under way at once"}
+    )
     jwt_secret: str = field(
         default="", metadata={"fallback": "JWT_SECRET", "help": "HS256 secret for bearer tokens"}
     )

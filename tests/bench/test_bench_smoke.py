@@ -15,16 +15,18 @@ import asyncpg
 from bench import appends
 from bench.common import machine_info, server_info, write_results
 
-# A fraction of a second per figure, two writers instead of sixteen, a small batcher.
+# A fraction of a second per figure, two writers instead of sixteen, a small group commit.
 TINY = appends.Settings(
     seconds=0.15,
     warmup=0.03,
     many=2,
     batch_events=5,
     jobs_per_writer=2,
-    batcher_jobs=20,
-    batcher_max=8,
-    batcher_connections=2,
+    group_jobs=20,
+    group_rate=400.0,
+    group_max_batch=8,
+    group_seconds=0.3,
+    group_sweep=(1, 5),
     tail_page=50,
     tail_budget=1.0,
 )
@@ -71,5 +73,8 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
     json_path, md_path = write_results(tmp_path, appends.NAME, rendered.payload, rendered.markdown)
     payload = json.loads(json_path.read_text())
     assert payload["measurements"]["append_one_2"]["events_per_s"] > 0
+    assert payload["group_commit"]["events_per_s"] > 0
+    assert payload["group_commit"]["raw_events_per_s"] > 0
+    assert [point["jobs"] for point in payload["sweep"]] == [1, 5]
     assert payload["server"]["server_version"]
     assert "| measurement |" in md_path.read_text()

@@ -1,0 +1,263 @@
+"""Group commit: appends of many jobs that arrive together share one transaction, and every
+guarantee of the log holds for each of them as if it had been written alone.
+
+Also the database's set-based check of inserted rows (migration 0006), which is what guards the
+rows `append_events` writes with their hashes already computed: each rule is tried here with a
+row that brings a correct hash, so that only that check can refuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from schemas.chain import GENESIS_HASH, ChainLink, event_hash
+from schemas.state import replay
+from services.common.eventlog import (
+    AppendResult,
+    ConflictError,
+    EventLog,
+    GroupCommit,
+    JobClosedError,
+)
+from tests.support import cancelled, new_job, progress, queued, wait_for
+
+
+def grouped(pool: asyncpg.Pool, *, in_flight: int = 1, max_batch: int = 500) -> EventLog:
+    return EventLog(pool, group_commit=GroupCommit(max_batch=max_batch, in_flight=in_flight))
+
+
+async def _jobs(log: EventLog, count: int) -> list[uuid.UUID]:
+    return list(await asyncio.gather(*(new_job(log) for _ in range(count))))
+
+
+async def test_appends_arriving_together_share_transactions(pool: asyncpg.Pool) -> None:
+    log = grouped(pool)
+    jobs = await _jobs(log, 60)
+    before = log.batches
+    rounds = 5
+    for round_ in range(rounds):
+        results = await asyncio.gather(
+            *(log.append(job, 2 + round_, [progress(round_ + 1.0)]) for job in jobs)
+        )
+        assert all(isinstance(r, AppendResult) and not r.duplicate for r in results)
+    transactions = log.batches - before
+    # One transaction leaves at once; everything that queued behind it leaves in the next.
+    assert transactions <= 2 * rounds < len(jobs) * rounds
+    for job in jobs:
+        events = await log.read_stream(job)
+        assert [e.seq for e in events] == list(range(1, 3 + rounds))
+        assert (await log.verify(job)).ok
+        assert await log.job_state(job) == replay(events)
+
+
+async def test_a_refused_append_in_a_group_fails_alone(pool: asyncpg.Pool) -> None:
+    log = grouped(pool)
+    good = await _jobs(log, 20)
+    stale, closed = await _jobs(log, 2)
+    await log.append(closed, 2, [cancelled()])
+    blocker = await new_job(log)
+    fresh = uuid.uuid4()
+    before = log.batches
+
+    async def attempt(job: uuid.UUID, expected: int) -> object:
+        try:
+            return await log.append(job, expected, [progress(50)])
+        except (ConflictError, JobClosedError) as exc:
+            return exc
+
+    # The blocker's transaction leaves first; everything else queues behind it, together.
+    outcomes = await asyncio.gather(
+        attempt(blocker, 2),
+        *(attempt(job, 2) for job in good),
+        attempt(stale, 1),
+        attempt(closed, 3),
+        log.append(fresh, 0, [queued()], project_id="p1", owner_id="alice"),
+    )
+    assert log.batches - before == 2
+    assert isinstance(outcomes[-3], ConflictError)
+    assert outcomes[-3].actual_seq == 2
+    assert isinstance(outcomes[-2], JobClosedError)
+    assert all(isinstance(r, AppendResult) for r in outcomes[: 1 + len(good)])
+    assert isinstance(outcomes[-1], AppendResult)
+    for job in good:
+        assert [e.seq for e in await log.read_stream(job)] == [1, 2, 3]
+    assert [e.seq for e in await log.read_stream(stale)] == [1, 2]
+    assert [e.seq for e in await log.read_stream(closed)] == [1, 2, 3]
+    assert [e.type for e in await log.read_stream(fresh)] == ["export:queued"]
+
+
+async def test_a_group_sends_at_most_one_notify(pool: asyncpg.Pool) -> None:
+    log = EventLog(pool, notify=True, group_commit=GroupCommit(in_flight=1))
+    jobs = await _jobs(log, 40)
+    heard: list[str] = []
+    listener = await pool.acquire()
+    try:
+        await listener.add_listener("exportlog_events", lambda *args: heard.append(args[3]))
+        before = log.batches
+        await asyncio.gather(*(log.append(job, 2, [progress(1)]) for job in jobs))
+        transactions = log.batches - before
+        # Notifications arrive in commit order: once the marker sent afterwards is heard, every
+        # notification of the appends has been heard too.
+        async with pool.acquire() as conn:
+            await conn.execute("NOTIFY exportlog_events, 'marker'")
+        await wait_for(lambda: "marker" in heard)
+    finally:
+        await listener.reset()
+        await pool.release(listener)
+    assert len(heard) - 1 == transactions < len(jobs)
+
+
+async def test_a_tail_never_skips_under_group_commit(pool: asyncpg.Pool) -> None:
+    log = grouped(pool, in_flight=3, max_batch=16)
+    jobs = await _jobs(log, 48)
+    start = await log.head_position()
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def writer(job: uuid.UUID) -> None:
+        seq = 2
+        for value in range(1, 9):
+            seq = (await log.append(job, seq, [progress(float(value))])).last_seq
+
+    async def reader() -> None:
+        cursor = start
+        while True:
+            finished = done.is_set()
+            page = await log.tail(cursor, limit=50)
+            for event in page:
+                seen.append(event.position)
+                cursor = event.position
+            if finished and not page:
+                return
+            if not page:
+                await asyncio.sleep(0)
+
+    reading = asyncio.create_task(reader())
+    await asyncio.gather(*(writer(job) for job in jobs))
+    done.set()
+    await asyncio.wait_for(reading, 30)
+    everything = [e.position for e in await log.tail(start, limit=10_000)]
+    assert len(everything) == 48 * 8
+    assert seen == everything
+
+
+async def test_a_job_twice_in_one_group_is_written_in_order(pool: asyncpg.Pool) -> None:
+    log = grouped(pool)
+    blocker, job = await _jobs(log, 2)
+    first = asyncio.ensure_future(log.append(blocker, 2, [progress(1)]))
+    # Both appends of `job` queue behind the blocker and leave in one transaction.
+    second = asyncio.ensure_future(log.append(job, 2, [progress(1)]))
+    third = asyncio.ensure_future(log.append(job, 3, [progress(2), progress(3)]))
+    results = await asyncio.gather(first, second, third)
+    assert [(r.first_seq, r.last_seq) for r in results[1:]] == [(3, 3), (4, 5)]
+    assert (await log.verify(job)).ok
+
+
+async def test_the_database_refuses_one_job_twice_in_one_call(pool: asyncpg.Pool) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.fetch(
+                "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                " $13)",
+                [job, job], [2, 3], [1, 1], ["", ""], ["", ""], ["running", "running"],
+                ["{}", "{}"], [1, 2], [uuid.uuid4(), uuid.uuid4()],
+                ["export:progress"] * 2, ["{}"] * 2, ["t"] * 2, [datetime.now(UTC)] * 2,
+            )  # fmt: skip
+    assert info.value.sqlstate == "22023"
+
+
+# -- the set-based check of rows that bring their hash -----------------------------------------
+
+
+async def _insert_hashed(
+    pool: asyncpg.Pool,
+    job_id: uuid.UUID,
+    seq: int,
+    type_: str,
+    *,
+    prev_hash: bytes | None = None,
+    project: str = "p1",
+    owner: str = "alice",
+    spoil_hash: bool = False,
+) -> None:
+    """Insert an event with a hash computed as the database would, linked to the stored
+    predecessor unless `prev_hash` says otherwise."""
+    async with pool.acquire() as conn:
+        if prev_hash is None:
+            stored = await conn.fetchval(
+                "SELECT hash FROM events WHERE job_id = $1 AND seq = $2", job_id, seq - 1
+            )
+            prev_hash = bytes(stored) if stored is not None else GENESIS_HASH
+        occurred = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
+        link = ChainLink(
+            job_id=job_id, seq=seq, event_id=uuid.uuid4(), type=type_, actor="t",
+            project_id=project, owner_id=owner, occurred_at=occurred, data="{}",
+            prev_hash=prev_hash, hash=b"",
+        )  # fmt: skip
+        digest = event_hash(prev_hash, link)
+        if spoil_hash:
+            digest = bytes(32)
+        await conn.execute(
+            """
+            INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id, owner_id,
+                                occurred_at, prev_hash, hash)
+            VALUES ($1, $2, $3, $4, $5::json, $6, $7, $8, $9, $10, $11)
+            """,
+            link.job_id, link.seq, link.event_id, link.type, link.data, link.actor,
+            link.project_id, link.owner_id, link.occurred_at, prev_hash, digest,
+        )  # fmt: skip
+
+
+async def test_a_row_with_a_correct_hash_is_accepted(pool: asyncpg.Pool) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    await _insert_hashed(pool, job, 3, "export:progress")
+    assert (await log.verify(job)).ok
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("spoiled hash", "EL005"),
+        ("wrong link", "EL005"),
+        ("gap", "EL001"),
+        ("other project", "EL004"),
+        ("other owner", "EL004"),
+        ("download before completion", "EL002"),
+        ("first event of the download phase", "EL002"),
+        ("after cancelled", "EL002"),
+    ],
+)
+async def test_the_set_based_check_refuses_each_broken_rule(
+    pool: asyncpg.Pool, case: str, code: str
+) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    row: dict[str, object] = {"job_id": job, "seq": 3, "type_": "export:progress"}
+    if case == "spoiled hash":
+        row["spoil_hash"] = True
+    elif case == "wrong link":
+        row["prev_hash"] = bytes(range(32))
+    elif case == "gap":
+        row.update(seq=4, prev_hash=GENESIS_HASH)
+    elif case == "other project":
+        row["project"] = "p2"
+    elif case == "other owner":
+        row["owner"] = "mallory"
+    elif case == "download before completion":
+        row["type_"] = "export:download-started"
+    elif case == "first event of the download phase":
+        row.update(job_id=uuid.uuid4(), seq=1, type_="export:download-started")
+    elif case == "after cancelled":
+        await log.append(job, 2, [cancelled()])
+        row["seq"] = 4
+    with pytest.raises(asyncpg.PostgresError) as info:
+        await _insert_hashed(pool, **row)  # type: ignore[arg-type]
+    assert info.value.sqlstate == code, info.value
