@@ -54,13 +54,14 @@ SELECT DISTINCT job_id
 -- name: upsert_projection
 -- Write one job's projection row as rebuilt from its events.
 INSERT INTO jobs (job_id, project_id, owner_id, status, last_seq, last_position, state,
-                  created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8, now())
+                  created_at, updated_at, archive_expired)
+VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8, now(),
+        coalesce(($7::json ->> 'archiveExpired') = 'true', false))
 ON CONFLICT (job_id) DO UPDATE
    SET project_id = excluded.project_id, owner_id = excluded.owner_id,
        status = excluded.status, last_seq = excluded.last_seq,
        last_position = excluded.last_position, state = excluded.state,
-       updated_at = now();
+       archive_expired = excluded.archive_expired, updated_at = now();
 
 -- name: job_owner
 -- The owner recorded on a job's first event.

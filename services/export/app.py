@@ -57,9 +57,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if config.notify == "transaction":
             eventlog = EventLog(pool, notify=True, group_commit=group)
         else:
-            eventlog = EventLog(
-                pool, notify=False, on_commit=notifier.poke, group_commit=group
-            )
+            eventlog = EventLog(pool, notify=False, on_commit=notifier.poke, group_commit=group)
         worker = Worker(pool, eventlog, config)
         app[POOL] = pool
         app[NOTIFIER] = notifier
