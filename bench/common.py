@@ -20,15 +20,18 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
+import shutil
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TextIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -40,6 +43,8 @@ __all__ = [
     "DEFAULT_RESULTS_DIR",
     "EMBEDDED_DATA_DIR",
     "Context",
+    "Planned",
+    "ProgressDisplay",
     "Sample",
     "Server",
     "Step",
@@ -48,14 +53,17 @@ __all__ = [
     "busy_cores",
     "connections",
     "drive",
+    "format_duration",
     "fresh_database",
     "idle_load",
     "machine_cpu",
     "machine_info",
+    "parse_step",
     "percentile",
     "pool",
     "provision_server",
     "server_info",
+    "step_message",
     "utc_timestamp",
     "with_database",
     "write_results",
@@ -194,6 +202,22 @@ def _version_of(distribution: str) -> str | None:
         return None
 
 
+_CPU_MODEL_KEYS = ("model name", "Model", "Hardware", "cpu model")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name (the first one /proc/cpuinfo lists), else what `platform` says."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() in _CPU_MODEL_KEYS and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_info() -> dict[str, Any]:
     """The client side of a result: how many CPUs it shared with the server, and what ran."""
     try:
@@ -203,6 +227,7 @@ def machine_info() -> dict[str, Any]:
         loop_name = None
     return {
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": sys.version.split()[0],
@@ -514,9 +539,18 @@ def utc_timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _print_stdout(text: str) -> None:
+    print(text, flush=True)
+
+
 @dataclass(frozen=True)
 class Context:
-    """What `python -m bench` hands to each benchmark."""
+    """What `python -m bench` hands to each benchmark.
+
+    `progress` takes lines for stderr: a line of the form ``[n/N] label`` (see `step_message`,
+    or `step`) says that measurement n of N starts, which the progress display turns into its
+    n of N and its estimate of the time left; any other line is shown as it is. `echo` prints
+    the result tables on stdout (the display clears its status line first)."""
 
     server: Server
     seconds: float
@@ -524,6 +558,11 @@ class Context:
     quick: bool
     out_dir: Path
     progress: Callable[[str], None]
+    echo: Callable[[str], None] = _print_stdout
+
+    def step(self, number: int, total: int, label: str) -> None:
+        """Measurement `number` of `total` starts."""
+        self.progress(step_message(number, total, label))
 
 
 @dataclass(frozen=True)
@@ -582,6 +621,275 @@ async def run_benchmark(
         started_at=started_at,
         duration_seconds=time.perf_counter() - began,
     )
-    print(rendered.text, flush=True)
+    ctx.echo(rendered.text)
     json_path, md_path = write_results(ctx.out_dir, name, rendered.payload, rendered.markdown)
     ctx.progress(f"wrote {json_path} and {md_path}")
+
+
+# --------------------------------------------------------------------------- progress
+
+_STEP = re.compile(r"^\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]\s*(.*?)\s*(?:…|\.\.\.)?\s*$")
+# ANSI: back to the start of the line and clear it.
+_CLEAR_LINE = "\r\x1b[K"
+_TICK_SECONDS = 1.0
+# A benchmark running behind (or ahead of) its expected pace scales what is left of it by at
+# most this much either way: early steps are no sure guide to the later ones.
+_PACE_LIMIT = 3.0
+
+
+def step_message(number: int, total: int, label: str) -> str:
+    """The progress line that says measurement `number` of `total` starts."""
+    return f"[{number}/{total}] {label}"
+
+
+def parse_step(message: str) -> tuple[int, int, str] | None:
+    """(n, N, label) of a ``[n/N] label`` line (a trailing ellipsis dropped), else None."""
+    match = _STEP.match(message)
+    if match is None:
+        return None
+    number, total = int(match[1]), int(match[2])
+    if not 1 <= number <= total:
+        return None
+    return number, total, match[3]
+
+
+def format_duration(seconds: float | None) -> str:
+    """m:ss, or h:mm:ss from an hour; "?" when unknown."""
+    if seconds is None or math.isnan(seconds):
+        return "?"
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+
+
+@dataclass
+class Planned:
+    """One benchmark of a run, as the progress display follows it."""
+
+    name: str
+    budget: float
+    """Seconds it should take at most (the suite's time budget is the sum)."""
+    estimate: float | None = None
+    """Seconds it is expected to take (the last run's, with the same settings), if known."""
+    started: float | None = None
+    finished: float | None = None
+    failed: bool = False
+    step: tuple[int, int, str, float] | None = None
+    """The measurement running: n, N, label, and when it started."""
+    first_step: float | None = None
+    """When its first measurement started."""
+
+    @property
+    def expected(self) -> float:
+        return self.estimate if self.estimate is not None else self.budget
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
+
+    def left(self, now: float) -> float:
+        """Seconds it still needs: its expected time, less what is done. Once measurements
+        have completed, the rest of the expected time is scaled by the pace so far."""
+        if self.finished is not None:
+            return 0.0
+        if self.started is None:
+            return self.expected
+        if self.step is not None and self.first_step is not None:
+            number, total, _, began = self.step
+            done = (number - 1) / total
+            if done > 0:
+                # What came before the first measurement (set-up) is not part of the pace.
+                measuring = max(1.0, self.expected - (self.first_step - self.started))
+                pace = (began - self.first_step) / (done * measuring)
+                pace = min(_PACE_LIMIT, max(1 / _PACE_LIMIT, pace))
+                return max(0.0, (1 - done) * measuring * pace - (now - began))
+        return max(0.0, self.expected - (now - self.started))
+
+
+class ProgressDisplay:
+    """Where a run is, on stderr: which benchmark (b of B), which measurement (n of N), the time
+    elapsed and an estimate of the time left.
+
+    It is the run's `Context.progress`: a ``[n/N] label`` line (`step_message`) marks the start
+    of a measurement, every other line is passed through. On a terminal one status line at the
+    bottom is redrawn in place (every second, and after every line printed above it); otherwise
+    each measurement's line starts with the same status in brackets, so that a log file tells
+    the same story. `echo` prints on stdout without tearing the status line.
+    """
+
+    def __init__(
+        self,
+        plan: Sequence[Planned],
+        stream: TextIO | None = None,
+        *,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        stdout: TextIO | None = None,
+        width: int | None = None,
+    ) -> None:
+        self.plan = list(plan)
+        self._stream = stream if stream is not None else sys.stderr
+        self._stdout = stdout
+        self.tty = self._stream.isatty() if tty is None else tty
+        self._clock = clock
+        self._width = width
+        self._began = clock()
+        self._current: Planned | None = None
+        self._lock = threading.RLock()
+        self._shown = False
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # -- the plan ----------------------------------------------------------------------------
+
+    def _find(self, name: str) -> Planned:
+        for item in self.plan:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+    def begin(self, name: str) -> None:
+        """Benchmark `name` starts."""
+        item = self._find(name)
+        with self._lock:
+            item.started = self._clock()
+            item.step = item.first_step = None
+            self._current = item
+        index = self.plan.index(item) + 1
+        expected = (
+            f", expected ~{format_duration(item.estimate)} (last run)"
+            if item.estimate is not None
+            else ""
+        )
+        self._line(
+            f"== {name} ({index}/{len(self.plan)}): budget {format_duration(item.budget)}"
+            f"{expected} =="
+        )
+
+    def end(self, name: str, *, failed: bool = False) -> float:
+        """Benchmark `name` is over; returns how long it took."""
+        item = self._find(name)
+        with self._lock:
+            item.finished = self._clock()
+            item.failed = failed
+            if self._current is item:
+                self._current = None
+        elapsed = item.elapsed or 0.0
+        verdict = "FAILED after" if failed else "done in"
+        over = "  OVER BUDGET" if elapsed > item.budget else ""
+        self._line(
+            f"== {name} {verdict} {format_duration(elapsed)} (budget "
+            f"{format_duration(item.budget)}){over}; run so far {format_duration(self.elapsed())}"
+            " =="
+        )
+        return elapsed
+
+    def elapsed(self) -> float:
+        return self._clock() - self._began
+
+    def left(self) -> float:
+        """Seconds the run still needs, by the estimates."""
+        now = self._clock()
+        return sum(item.left(now) for item in self.plan)
+
+    # -- what is shown -----------------------------------------------------------------------
+
+    def status(self, *, label: bool = True, width: int | None = None) -> str:
+        """Where the run is, in one line: with the measurement's label unless `label` is False,
+        the label shortened to fit in `width` characters if given (the times never are)."""
+        head, text = [], ""
+        item = self._current
+        if item is not None:
+            head.append(f"{item.name} {self.plan.index(item) + 1}/{len(self.plan)}")
+            if item.step is not None:
+                number, total, text, _ = item.step
+                head.append(f"{number}/{total}")
+        tail = [
+            f"{format_duration(self.elapsed())} elapsed",
+            f"~{format_duration(self.left())} left",
+        ]
+        if label and text:
+            if width is not None:
+                room = width - len(" · ".join([*head, *tail])) - 1
+                text = text if len(text) <= room else text[: max(0, room - 1)] + "…"
+            if text.strip("…"):
+                head[-1] += " " + text
+        line = " · ".join([*head, *tail])
+        if width is not None and len(line) > width:
+            line = line[: max(0, width - 1)] + "…"
+        return line
+
+    def __call__(self, message: str) -> None:
+        step = parse_step(message)
+        with self._lock:  # the ticker thread reads the plan
+            current = self._current
+            if step is not None and current is not None:
+                number, total, label = step
+                now = self._clock()
+                current.step = (number, total, label, now)
+                if current.first_step is None:
+                    current.first_step = now
+                if not self.tty:
+                    message = f"[{self.status(label=False)}] {label}"
+            self._line(message)
+
+    def echo(self, text: str) -> None:
+        """Print on stdout (the result tables), the status line cleared first."""
+        with self._lock:
+            self._clear()
+            out = self._stdout if self._stdout is not None else sys.stdout
+            out.write(text + "\n")
+            out.flush()
+            self._draw()
+
+    def _line(self, message: str) -> None:
+        with self._lock:
+            self._clear()
+            self._stream.write(message + "\n")
+            self._draw()
+            self._stream.flush()
+
+    def _clear(self) -> None:
+        if self.tty and self._shown:
+            self._stream.write(_CLEAR_LINE)
+            self._shown = False
+
+    def _draw(self) -> None:
+        if not self.tty or self._stop.is_set():
+            return
+        width = self._width or shutil.get_terminal_size((100, 24)).columns
+        # One column short of the width: a line that fills it wraps on some terminals.
+        self._stream.write(_CLEAR_LINE + self.status(width=width - 1))
+        self._stream.flush()
+        self._shown = True
+
+    # -- the ticker --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """On a terminal, redraw the status line every second (in a thread of its own, so that
+        a busy event loop does not freeze it)."""
+        if not self.tty or self._ticker is not None:
+            return
+
+        def tick() -> None:
+            while not self._stop.wait(_TICK_SECONDS):
+                with self._lock:
+                    self._draw()
+
+        self._ticker = threading.Thread(target=tick, name="bench-progress", daemon=True)
+        self._ticker.start()
+        with self._lock:
+            self._draw()
+
+    def close(self) -> None:
+        """Stop redrawing and clear the status line."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+        with self._lock:
+            self._clear()
+            self._stream.flush()

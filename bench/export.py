@@ -50,7 +50,7 @@ from services.export.pipeline import (
 from services.export.progress import ProgressTracker
 from services.export.worker import CoalescingReporter
 
-from .common import Context, Rendered, Table, run_benchmark
+from .common import Context, Rendered, Table, run_benchmark, step_message
 
 NAME = "export"
 GOAL_OVERHEAD_PERCENT = 5.0
@@ -410,9 +410,11 @@ def _tree(folder: Path) -> tuple[int, int]:
 
 async def measure_all(settings: Settings, *, progress: Progressor | None = None) -> Report:
     say = progress or (lambda _message: None)
+    steps = settings.pairs + 2
+
     with tempfile.TemporaryDirectory(prefix="bench-export-") as directory:
         root = Path(directory)
-        say(f"export: generating a demo project of {settings.images} images")
+        say(step_message(1, steps, f"demo project of {settings.images} images, a warm-up export"))
         project = await asyncio.to_thread(
             create_demo_project, root / "data", "demo", images=settings.images, seed=settings.seed
         )
@@ -422,10 +424,6 @@ async def measure_all(settings: Settings, *, progress: Progressor | None = None)
         # A warm-up run: page cache, fonts, imports.
         _, _, entries = await _run_off(project, work)
 
-        say(
-            f"export: {settings.pairs} rounds of whole runs, progress reporting off / on / "
-            "in the pipeline thread"
-        )
         pipeline = Timed("pipeline, all stages (reporting off)")
         reporting = Reporting(
             off=Timed("reporting off (no-op callback)"),
@@ -434,6 +432,14 @@ async def measure_all(settings: Settings, *, progress: Progressor | None = None)
         )
         stage_samples: dict[str, list[float]] = {}
         for index in range(settings.pairs):
+            say(
+                step_message(
+                    index + 2,
+                    steps,
+                    f"whole exports, round {index + 1} of {settings.pairs}: progress reporting "
+                    "off / on / in the pipeline thread",
+                )
+            )
             modes = ("off", "on", "direct")
             for mode in modes[index % 3 :] + modes[: index % 3]:
                 if mode == "direct":
@@ -456,7 +462,14 @@ async def measure_all(settings: Settings, *, progress: Progressor | None = None)
                         stage_samples.setdefault(stage, []).append(span)
         pipeline.files = entries
 
-        say("export: compression stage alone and zip on the same files")
+        say(
+            step_message(
+                steps,
+                steps,
+                f"compression stage alone and zip on the same files, {settings.compression_runs} "
+                "runs each",
+            )
+        )
         staging = await asyncio.to_thread(_stage_files, project, work)
         files = root / "files"
         await asyncio.to_thread(shutil.copytree, staging, files)

@@ -12,16 +12,23 @@ memory can be read on its own:
 This process creates the jobs, appends the events (through `EventLog`, with a coalesced NOTIFY
 after commit: the export service's default) and reads the others' CPU time and RSS from /proc.
 
-Measured, in this order, each gateway figure right after its raw baseline:
+Measured, in this order, each gateway figure right after its raw baseline (`Settings.steps`
+lists them; each is announced as ``[n/N] label`` to the progress display):
 
-1. Memory per idle subscribed connection: each server's RSS before and after the clients of a
-   fan-out step connect, subscribe and catch up, divided by their number.
-2. Fan-out: every client follows the same job (or `fanout_jobs` jobs); deliveries/s counted by the
-   load client in a timed window. Both servers get the same flow control: events are produced
-   (appended to the log, or broadcast by the raw server) while the load client has received all
-   but `backlog_events` per client. That keeps both busy without overflowing the gateway's send
-   queues or the sockets' receive buffers (a reader that falls far behind on loopback gets its
-   segments pruned and retransmitted after a timeout, which would measure the kernel instead).
+1. Memory per idle subscribed connection, against connections: clients connect to both servers
+   in steps (`memory_clients`: 100, 1,000, 5,000 in all) before any traffic; each server's RSS
+   is read before and after each step. The figure is the RSS growth since the first step over
+   every connection open.
+2. Fan-out at each of `fanout_clients`, from the largest down (the clients of the memory sweep
+   stay connected; those of later steps close in between): every client follows the same job
+   (or `fanout_jobs` jobs); deliveries/s counted by the load client in a timed window. Both
+   servers get the same flow control: events are produced (appended to the log, or broadcast by
+   the raw server) while the load client has received all but `backlog_events` per client. That
+   keeps both busy without overflowing the gateway's send queues or the sockets' receive buffers
+   (a reader that falls far behind on loopback gets its segments pruned and retransmitted after
+   a timeout, which would measure the kernel instead). Then, with the same clients, the
+   commit-to-client latency of one job's events at `fanout_latency_rate` (as in 3.): how long
+   one broadcast to that many clients takes.
 3. Commit-to-client latency at `latency_rate` events/s over `latency_clients` clients, for each
    clients-per-job split: the appender records the wall-clock time right after each commit, the
    load client the time each event arrives (same machine, same clock). The appender commits
@@ -33,6 +40,9 @@ Measured, in this order, each gateway figure right after its raw baseline:
    received caught-up, and the replay queries the gateway sent meanwhile (its
    `gateway_replay_queries` metric). The raw baseline: as many connections at once to the raw
    server, until each is in its room, once per listen backlog in `storm_raw_backlogs`.
+5. Replay after a gap: one client reconnects N events behind one job's last seq (for each N of
+   `replay_gaps`: 10 to 10,000), `replay_repeats` times, timed from its connection to
+   caught-up; next to the replay query for the same rows alone (the database's share).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import math
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import time
 from collections import Counter
@@ -54,12 +65,14 @@ from typing import Any
 from uuid import UUID
 
 import aiohttp
+import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.events import encode_event
 from services.common.auth import issue_token
 from services.common.eventlog import AppendRequest, EventLog, EventLogError, NewEvent
 from services.common.notifier import Notifier
+from services.common.queries import QUERIES
 from services.gateway.config import GatewayConfig
 
 from . import appends
@@ -68,10 +81,12 @@ from .common import (
     Rendered,
     Table,
     busy_cores,
+    connections,
     machine_cpu,
     percentile,
     pool,
     run_benchmark,
+    step_message,
 )
 from .control import (
     Child,
@@ -99,6 +114,7 @@ _READY_SECONDS = 30.0
 _POLL_SECONDS = 0.01
 _MAX_EVENTS_PER_CALL = 20
 _SETTLE_SECONDS = 0.3
+_SETUP_EVENTS_PER_CALL = 500
 
 
 @dataclass(frozen=True)
@@ -107,8 +123,12 @@ class Settings:
 
     seconds: float = 5.0
     warmup: float = 1.0
+    memory_clients: tuple[int, ...] = (100, 1000, 5000)
+    """Connections to each server at each reading of its RSS: the clients connect in these
+    steps, before any traffic, and stay connected for the fan-out."""
     fanout_clients: tuple[int, ...] = (1000, 5000)
-    """Clients of each fan-out step (cumulative: each step adds clients to the previous ones)."""
+    """Clients of each fan-out measurement, measured from the largest down (clients close in
+    between). Each is also a step of the memory sweep."""
     fanout_jobs: int = 1
     raw_modes: tuple[str, ...] = ("broadcast", "batched")
     """How the raw server sends (see `bench.fanout_raw.RawServer.send`); the first is the
@@ -121,6 +141,14 @@ class Settings:
     latency_clients_per_job: tuple[int, ...] = (1, 10)
     latency_rate: float = 2000.0
     latency_tick: float = 0.005
+    fanout_latency_rate: float = 2.0
+    """Events/s of the commit-to-client latency at each fan-out size, every client following
+    the one job: slow enough that each event reaches every client before the next one comes
+    (the load client reads ~50,000 frames/s), so that the figure is the time one broadcast to
+    that many clients takes, not a queue at the limit of the rig."""
+    fanout_latency_seconds: float = 5.0
+    """Shortest window of that latency (longer with a longer `seconds`): at a few events per
+    second, enough events for a p99."""
     writers: int = 8
     """Database connections of the appender."""
     storm_jobs: int = 50
@@ -130,6 +158,11 @@ class Settings:
     storm_raw_backlogs: tuple[int, ...] = (GATEWAY_BACKLOG, 100)
     """Listen backlogs the raw server's storm is measured with: the gateway's, and asyncio's
     default (100), to show what a short listen queue does to a storm."""
+    replay_gaps: tuple[int, ...] = (10, 100, 1000, 10000)
+    """Events a reconnecting client missed, for the replay sweep: it connects, authenticates and
+    subscribes after its last seq, and is timed until caught-up."""
+    replay_repeats: int = 5
+    """Reconnections per gap (the median is reported)."""
     warm_clients: int = 20
     """Clients connected before the memory baseline is read: one-time costs (code paths run for
     the first time, the gateway's database connections) are not charged to the measured ones."""
@@ -145,6 +178,28 @@ class Settings:
         return self.storm_jobs * self.storm_clients_per_job
 
     @property
+    def connect_steps(self) -> tuple[int, ...]:
+        """Connections to each server after each step of connecting (the memory sweep)."""
+        return tuple(sorted({*self.memory_clients, *self.fanout_clients}))
+
+    def steps(self) -> list[str]:
+        """Every measurement of a run, in order: the n of N of the progress display."""
+        labels = [f"memory with {n:,} idle connections" for n in self.connect_steps]
+        for clients in sorted(self.fanout_clients, reverse=True):
+            labels += [f"fan-out to {clients:,}: raw {mode}" for mode in self.raw_modes]
+            labels.append(f"fan-out to {clients:,}: gateway")
+            labels.append(f"latency at {clients:,} clients, {self.fanout_latency_rate:g} events/s")
+        labels += [
+            f"latency: {self.latency_clients:,} clients, {per_job} per job"
+            for per_job in self.latency_clients_per_job
+        ]
+        labels += [f"storm: raw (backlog {backlog})" for backlog in self.storm_raw_backlogs]
+        labels.append(f"storm: gateway, {self.storm_clients:,} clients")
+        if self.replay_gaps:
+            labels.append(f"replay after gaps of {', '.join(f'{n:,}' for n in self.replay_gaps)}")
+        return labels
+
+    @property
     def raw_backlogs(self) -> tuple[int, ...]:
         """Every backlog the raw server listens with; the first is the gateway's."""
         return tuple(dict.fromkeys((GATEWAY_BACKLOG, *self.storm_raw_backlogs)))
@@ -156,11 +211,13 @@ class Settings:
         return cls(
             seconds=seconds,
             warmup=warmup,
+            memory_clients=(100, 500, 2000),
             fanout_clients=(500, 2000),
             raw_modes=("broadcast",),
             latency_clients_per_job=(10,),
             storm_jobs=20,
             storm_raw_backlogs=(4096,),
+            replay_repeats=3,
             drain_timeout=10.0,
             reduced=True,
         )
@@ -435,12 +492,22 @@ class MemoryFigure:
     rss_after_kib: int | None
     traffic_before: bool
     """Whether fan-out traffic had already run in the process before the first reading."""
+    rss_start_kib: int | None = None
+    """RSS before the first measured connection (the warm-up clients connected)."""
 
     @property
     def bytes_per_connection(self) -> float | None:
+        """RSS added per connection opened in this step."""
         if self.rss_before_kib is None or self.rss_after_kib is None or not self.connections:
             return None
         return (self.rss_after_kib - self.rss_before_kib) * 1024 / self.connections
+
+    @property
+    def bytes_per_connection_total(self) -> float | None:
+        """RSS added since the first measured connection, over every connection open."""
+        if self.rss_start_kib is None or self.rss_after_kib is None or not self.total:
+            return None
+        return (self.rss_after_kib - self.rss_start_kib) * 1024 / self.total
 
     def to_json(self) -> dict[str, Any]:
         per = self.bytes_per_connection
@@ -448,10 +515,61 @@ class MemoryFigure:
             "server": self.server,
             "connections_added": self.connections,
             "connections_total": self.total,
+            "rss_start_kib": self.rss_start_kib,
             "rss_before_kib": self.rss_before_kib,
             "rss_after_kib": self.rss_after_kib,
             "bytes_per_connection": _round(per, 0),
+            "bytes_per_connection_total": _round(self.bytes_per_connection_total, 0),
             "after_fanout_traffic": self.traffic_before,
+        }
+
+
+@dataclass
+class ReplayFigure:
+    """A reconnecting client `events` behind, timed until caught-up, `repeats` times; beside
+    it the database's share: the same rows read by the replay query on a connection of its
+    own, without decoding or sending."""
+
+    events: int
+    seconds: list[float] = field(default_factory=list)
+    """From the start of the connection to caught-up (connect, authenticate, subscribe,
+    replay)."""
+    handshake: list[float] = field(default_factory=list)
+    """The WebSocket handshake's share of each."""
+    replayed: list[int] = field(default_factory=list)
+    """Events each reconnection received before caught-up."""
+    raw_seconds: list[float] = field(default_factory=list)
+    """The replay query for the same rows (asyncpg, records only)."""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def raw_median(self) -> float | None:
+        return statistics.median(self.raw_seconds) if self.raw_seconds else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.replayed) and all(n == self.events for n in self.replayed)
+
+    def to_json(self) -> dict[str, Any]:
+        median = self.median
+        return {
+            "events": self.events,
+            "repeats": len(self.seconds),
+            "seconds": [round(v, 5) for v in self.seconds],
+            "median_s": _round(median, 5),
+            "min_s": _round(min(self.seconds), 5) if self.seconds else None,
+            "max_s": _round(max(self.seconds), 5) if self.seconds else None,
+            "handshake_median_s": _round(
+                statistics.median(self.handshake) if self.handshake else None, 5
+            ),
+            "events_per_s": _round(self.events / median, 1) if median else None,
+            "replayed": self.replayed,
+            "all_replayed": self.complete,
+            "raw_sql_seconds": [round(v, 5) for v in self.raw_seconds],
+            "raw_sql_median_s": _round(self.raw_median, 5),
         }
 
 
@@ -463,6 +581,9 @@ class Report:
     latency: list[tuple[LatencyFigure, LatencyFigure]] = field(default_factory=list)
     storm: list[StormFigure] = field(default_factory=list)
     memory: list[tuple[MemoryFigure, MemoryFigure]] = field(default_factory=list)
+    fanout_latency: list[tuple[LatencyFigure, LatencyFigure]] = field(default_factory=list)
+    """(raw, gateway) commit-to-client latency at each fan-out size, one job."""
+    replay: list[ReplayFigure] = field(default_factory=list)
     frame_bytes: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
 
@@ -577,6 +698,8 @@ class Jobs:
     storm: list[UUID]
     storm_seq: int
     """The storm jobs' seq before the events their clients missed."""
+    replay: UUID
+    """The job of the replay sweep, with as many events as its largest gap."""
     seqs: dict[UUID, int]
     template: str
     """One progress event as the gateway sends it: the raw server sends the same bytes."""
@@ -588,11 +711,11 @@ async def _setup(log: EventLog, settings: Settings) -> Jobs:
         per_job: max(1, settings.latency_clients // per_job)
         for per_job in settings.latency_clients_per_job
     }
-    total = settings.fanout_jobs + 2 + sum(latency_jobs.values()) + settings.storm_jobs
+    total = settings.fanout_jobs + 3 + sum(latency_jobs.values()) + settings.storm_jobs
     seqs = await appends.create_jobs(log, total)
     ids = iter(list(seqs))
     fanout = [next(ids) for _ in range(settings.fanout_jobs)]
-    warm, scratch = next(ids), next(ids)
+    warm, scratch, replay = next(ids), next(ids), next(ids)
     latency = {
         per_job: [next(ids) for _ in range(count)] for per_job, count in latency_jobs.items()
     }
@@ -613,6 +736,9 @@ async def _setup(log: EventLog, settings: Settings) -> Jobs:
             if isinstance(result, EventLogError):
                 raise result
             seqs[request.job_id] = result.last_seq
+    for start in range(0, max(settings.replay_gaps, default=0), _SETUP_EVENTS_PER_CALL):
+        count = min(_SETUP_EVENTS_PER_CALL, max(settings.replay_gaps) - start)
+        seqs[replay] = (await log.append(replay, seqs[replay], events(count))).last_seq
     result = await log.append(scratch, seqs[scratch], events(1))
     (event,) = await log.read_stream(scratch, result.last_seq - 1)
     return Jobs(
@@ -621,6 +747,7 @@ async def _setup(log: EventLog, settings: Settings) -> Jobs:
         latency=latency,
         storm=storm,
         storm_seq=storm_seq,
+        replay=replay,
         seqs=seqs,
         template=encode_event(event).decode(),
     )
@@ -652,6 +779,15 @@ class Rig:
         self.token = token
         self.say = progress
         self._payload = appends.progress_payload(settings.payload_bytes)
+        self._steps = settings.steps()
+        self.step_count = 0
+
+    def next_step(self) -> None:
+        """Announce the next measurement of `Settings.steps` (the progress display's n of N)."""
+        self.step_count += 1
+        labels = self._steps
+        label = labels[self.step_count - 1] if self.step_count <= len(labels) else "…"
+        self.say(step_message(self.step_count, max(len(labels), self.step_count), label))
 
     def _events(self, count: int) -> list[NewEvent]:
         """New events (each its own id: an id already stored would make the append a no-op)."""
@@ -717,38 +853,62 @@ class Rig:
 
     # -- memory and fan-out ----------------------------------------------------------------------
 
-    async def fanout_and_memory(self, report: Report) -> None:
+    async def memory_and_fanout(self, report: Report) -> None:
+        """The memory sweep, then fan-out and its latency at each size, largest first.
+
+        Clients connect to both servers in the steps of `connect_steps`, with no traffic yet,
+        and each server's RSS is read before and after each step. Then, with every client still
+        connected, fan-out at the largest size; clients of the latest steps close to bring each
+        server down to the next size, and so on."""
         s = self.settings
-        for server in ("raw", "gateway"):
+        servers = ("raw", "gateway")
+        for server in servers:
             await self.open(f"{server}-warm", server, s.warm_clients, [self.jobs.warm])
         await asyncio.sleep(_SETTLE_SECONDS)
+        start = {server: rss_kib(self._pid(server)) for server in servers}
+        connected: list[tuple[str, int]] = []
+        """Groups of clients open on each server, and the total once each was open."""
         previous = 0
-        for step, clients in enumerate(s.fanout_clients):
-            added = clients - previous
-            if added <= 0:
-                raise ValueError("fanout_clients must increase")
+        for index, total in enumerate(s.connect_steps):
+            self.next_step()
+            added = total - previous
             memory: dict[str, MemoryFigure] = {}
-            for server in ("raw", "gateway"):
-                self.say(f"  {server}: connecting {added:,} clients ({clients:,} in all)")
+            for server in servers:
+                self.say(f"  {server}: connecting {added:,} clients ({total:,} in all)")
                 before = rss_kib(self._pid(server))
-                await self.open(f"{server}-fanout", server, added, self.jobs.fanout)
+                await self.open(f"{server}-conn-{index}", server, added, self.jobs.fanout)
                 await asyncio.sleep(_SETTLE_SECONDS)
                 memory[server] = MemoryFigure(
                     server=server,
                     connections=added,
-                    total=clients,
+                    total=total,
                     rss_before_kib=before,
                     rss_after_kib=rss_kib(self._pid(server)),
-                    traffic_before=step > 0,
+                    traffic_before=False,
+                    rss_start_kib=start[server],
                 )
+            connected.append((f"conn-{index}", total))
             report.memory.append((memory["raw"], memory["gateway"]))
             self.say(
-                "        RSS per idle subscribed connection: "
-                f"raw {_kib(memory['raw'].bytes_per_connection)}, "
-                f"gateway {_kib(memory['gateway'].bytes_per_connection)}"
+                f"        RSS per idle subscribed connection ({total:,} in all): "
+                f"raw {_kib(memory['raw'].bytes_per_connection_total)}, "
+                f"gateway {_kib(memory['gateway'].bytes_per_connection_total)}"
             )
+            previous = total
+        for clients in sorted(s.fanout_clients, reverse=True):
+            closed = False
+            while connected and connected[-1][1] > clients:
+                group, _ = connected.pop()
+                for server in servers:
+                    await self.close(f"{server}-{group}")
+                closed = True
+            if not connected or connected[-1][1] != clients:
+                raise ValueError(f"{clients} clients is not a step of {s.connect_steps}")
+            if closed:
+                await asyncio.sleep(_SETTLE_SECONDS)
             figures: dict[str, FanoutFigure] = {}
             for mode in (*(f"raw {mode}" for mode in s.raw_modes), "gateway"):
+                self.next_step()
                 figures[mode] = figure = await self.fanout(mode, clients)
                 baseline = figures[f"raw {s.raw_modes[0]}"]
                 self.say(
@@ -761,10 +921,25 @@ class Rig:
                     )
                 )
             report.fanout.append(figures)
-            previous = clients
-        for server in ("raw", "gateway"):
-            await self.close(f"{server}-fanout")
+            self.next_step()
+            pair: dict[str, LatencyFigure] = {}
+            for server in servers:
+                pair[server] = latency = await self._latency(
+                    server, self.jobs.fanout, clients, rate=s.fanout_latency_rate
+                )
+                self.say(
+                    f"  {server}: {clients:,} clients, {s.fanout_latency_rate:g} events/s: "
+                    f"p50 {_ms(latency.p(0.5))} ms, p99 {_ms(latency.p(0.99))} ms, "
+                    f"missing {latency.missing}"
+                )
+            report.fanout_latency.append((pair["raw"], pair["gateway"]))
+        for group, _ in reversed(connected):
+            for server in servers:
+                await self.close(f"{server}-{group}")
+        for server in servers:
             await self.close(f"{server}-warm")
+        report.fanout.sort(key=lambda figures: figures["gateway"].clients)
+        report.fanout_latency.sort(key=lambda pair: pair[1].clients)
 
     async def fanout(self, server: str, clients: int) -> FanoutFigure:
         """`server` is "gateway" or "raw <mode>". Events go to the fan-out jobs in turn, up to
@@ -852,6 +1027,7 @@ class Rig:
         s = self.settings
         for per_job, jobs in self.jobs.latency.items():
             clients = len(jobs) * per_job
+            self.next_step()
             pair: dict[str, LatencyFigure] = {}
             for server in ("raw", "gateway"):
                 self.say(
@@ -871,25 +1047,29 @@ class Rig:
                 )
             report.latency.append((pair["raw"], pair["gateway"]))
 
-    async def _latency(self, server: str, jobs: list[UUID], clients: int) -> LatencyFigure:
-        """Events at `latency_rate` for the warm-up and the window; the latencies of those
-        produced inside the window."""
+    async def _latency(
+        self, server: str, jobs: list[UUID], clients: int, *, rate: float | None = None
+    ) -> LatencyFigure:
+        """Events at `rate` (default `latency_rate`) for the warm-up and the window; the
+        latencies of those produced inside the window."""
         s = self.settings
+        seconds = s.seconds if rate is None else max(s.seconds, s.fanout_latency_seconds)
+        rate = s.latency_rate if rate is None else rate
         subscribers = Counter(i % len(jobs) for i in range(clients))
         base = int((await self.counts())["events"])
         await self.load.request("record", on=True)
-        duration = s.warmup + s.seconds + 0.1
+        duration = s.warmup + seconds + 0.1
         commit_ms: list[float] = []
         produce: Awaitable[dict[tuple[int, int], float]]
         if server == "gateway":
-            produce = self._paced_appends(jobs, duration, commit_ms)
+            produce = self._paced_appends(jobs, duration, commit_ms, rate)
         else:
-            produce = self._paced_raw(jobs, duration)
+            produce = self._paced_raw(jobs, duration, rate)
         producing = asyncio.ensure_future(produce)
         try:
             await asyncio.sleep(s.warmup)
             opened = await self.snapshot(server)
-            await asyncio.sleep(s.seconds)
+            await asyncio.sleep(seconds)
             closed = await self.snapshot(server)
         finally:
             sent = await producing
@@ -906,7 +1086,7 @@ class Rig:
             server=server,
             clients=clients,
             jobs=len(jobs),
-            target_rate=s.latency_rate,
+            target_rate=rate,
             events=len(in_window),
             latencies_ms=latencies,
             missing=expected - len(latencies),
@@ -915,18 +1095,20 @@ class Rig:
             commit_ms=commit_ms,
         )
 
-    async def _paced_raw(self, jobs: list[UUID], duration: float) -> dict[tuple[int, int], float]:
+    async def _paced_raw(
+        self, jobs: list[UUID], duration: float, rate: float
+    ) -> dict[tuple[int, int], float]:
         answer = await self.raw.request(
             "paced",
             rooms=[str(job) for job in jobs],
             template=self.jobs.template,
-            rate=self.settings.latency_rate,
+            rate=rate,
             seconds=duration,
         )
         return {(int(job), int(seq)): at for job, seq, at in answer["times"]}
 
     async def _paced_appends(
-        self, jobs: list[UUID], duration: float, commit_ms: list[float]
+        self, jobs: list[UUID], duration: float, commit_ms: list[float], rate: float
     ) -> dict[tuple[int, int], float]:
         """Event n is due at n / rate and goes to job n mod len(jobs). Every `latency_tick`
         (or as soon as the previous transaction commits, when it took longer) the events due
@@ -942,11 +1124,11 @@ class Rig:
             if now >= ends:
                 return commits
             due = min(
-                math.floor((now - started) * s.latency_rate) + 1,
-                math.ceil(duration * s.latency_rate),
+                math.floor((now - started) * rate) + 1,
+                math.ceil(duration * rate),
             )
             if due <= number:
-                await asyncio.sleep(started + number / s.latency_rate - now)
+                await asyncio.sleep(started + number / rate - now)
                 continue
             per_job = Counter((n % len(jobs)) for n in range(number, due))
             requests = [
@@ -977,6 +1159,7 @@ class Rig:
         plan = [("raw", backlog) for backlog in s.storm_raw_backlogs]
         plan.append(("gateway", GATEWAY_BACKLOG))
         for server, backlog in plan:
+            self.next_step()
             self.say(
                 f"  {server} (listen backlog {backlog}): {s.storm_clients:,} clients connect "
                 "at once"
@@ -1047,6 +1230,44 @@ class Rig:
             ),
         )
 
+    # -- replay after a gap --------------------------------------------------------------------
+
+    async def replay(self, report: Report, conn: asyncpg.Connection) -> None:
+        """For each gap N: a client reconnects N events behind the replay job's last seq, timed
+        until caught-up (`replay_repeats` times), alternating with the replay query for the same
+        rows on `conn` (the database's share, without decoding or sending)."""
+        s = self.settings
+        if not s.replay_gaps:
+            return
+        self.next_step()
+        job = self.jobs.replay
+        last = self.jobs.seqs[job]
+        # A first reconnection: the gateway's first replay of a job pays for cold caches.
+        await self.open("replay", "gateway", 1, [job], after_seq=max(0, last - 1), concurrency=0)
+        await self.close("replay")
+        for gap in sorted(s.replay_gaps):
+            figure = ReplayFigure(events=min(gap, last))
+            after = last - figure.events
+            for _ in range(s.replay_repeats):
+                answer = await self.open("replay", "gateway", 1, [job], after_seq=after)
+                await self.close("replay")
+                figure.seconds.append(float(answer["ready"][0]))
+                figure.handshake.append(float(answer["last_handshake"]))
+                figure.replayed.append(int(answer["replayed"]))
+                began = time.perf_counter()
+                rows = await conn.fetch(QUERIES["read_stream"], job, after, None)
+                figure.raw_seconds.append(time.perf_counter() - began)
+                if len(rows) != figure.events:
+                    raise RuntimeError(f"the replay query read {len(rows)} of {gap} events")
+            report.replay.append(figure)
+            self.say(
+                f"  {figure.events:,} events behind: caught up in "
+                f"{_ms((figure.median or math.nan) * 1000)} ms (median of "
+                f"{len(figure.seconds)}), the query alone "
+                f"{_ms((figure.raw_median or math.nan) * 1000)} ms"
+                + ("" if figure.complete else f"; replayed {figure.replayed}")
+            )
+
 
 def _since(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
@@ -1082,13 +1303,16 @@ async def measure_all(
         stack.push_async_callback(raw.stop)
         load = await Child.start("load client", ["-m", "bench.fanout_load"])
         stack.push_async_callback(load.stop)
+        (conn,) = await stack.enter_async_context(connections(dsn, 1))
         rig = Rig(settings, log, jobs, gateway, raw, load, token, say)
-        say("[1/3] memory per idle connection, and fan-out")
-        await rig.fanout_and_memory(report)
-        say("[2/3] commit-to-client latency")
+        say("memory per idle connection, fan-out and its latency by clients")
+        await rig.memory_and_fanout(report)
+        say("commit-to-client latency")
         await rig.latency(report)
-        say("[3/3] reconnect storm")
+        say("reconnect storm")
         await rig.storm(report)
+        say("replay after a gap")
+        await rig.replay(report, conn)
     return report
 
 
@@ -1167,7 +1391,9 @@ def fanout_table(report: Report) -> Table:
     return table
 
 
-def latency_table(report: Report) -> Table:
+def latency_table(
+    report: Report, pairs: Sequence[tuple[LatencyFigure, LatencyFigure]] | None = None
+) -> Table:
     table = Table(
         headers=[
             "clients × jobs",
@@ -1186,7 +1412,7 @@ def latency_table(report: Report) -> Table:
         ],
         left=frozenset({0, 1}),
     )
-    for raw, gateway in report.latency:
+    for raw, gateway in report.latency if pairs is None else pairs:
         for figure in (raw, gateway):
             lat = figure.latencies_ms
             appends_cell = "—"
@@ -1268,11 +1494,12 @@ def storm_table(report: Report) -> Table:
 def memory_table(report: Report) -> Table:
     table = Table(
         headers=[
-            "connections added (total)",
+            "connections (added)",
             "server",
             "RSS before MiB",
             "RSS after MiB",
-            "per connection",
+            "per connection added",
+            "per connection, all open",
             "÷ raw",
             f"goal < {GOAL_BYTES_PER_CONNECTION // 1000} kB",
             "after fan-out traffic",
@@ -1281,20 +1508,52 @@ def memory_table(report: Report) -> Table:
     )
     for raw, gateway in report.memory:
         for figure in (raw, gateway):
-            per = figure.bytes_per_connection
+            per = figure.bytes_per_connection_total
             is_gateway = figure is gateway
             table.add(
-                f"{figure.connections:,} ({figure.total:,})",
+                f"{figure.total:,} ({figure.connections:,})",
                 figure.server,
                 _num((figure.rss_before_kib or 0) / 1024),
                 _num((figure.rss_after_kib or 0) / 1024),
+                _kib(figure.bytes_per_connection),
                 _kib(per),
-                _ratio(per, raw.bytes_per_connection) if is_gateway else "",
+                _ratio(per, raw.bytes_per_connection_total) if is_gateway else "",
                 _goal(None if per is None else per < GOAL_BYTES_PER_CONNECTION)
                 if is_gateway
                 else "",
                 "yes" if figure.traffic_before else "no",
             )
+    return table
+
+
+def replay_table(report: Report) -> Table:
+    table = Table(
+        headers=[
+            "events missed",
+            "reconnections",
+            "caught up: median ms",
+            "min / max ms",
+            "handshake ms",
+            "events/s",
+            "replay query alone ms",
+            "÷ query",
+            "every event replayed",
+        ]
+    )
+    for figure in report.replay:
+        row = figure.to_json()
+        median, raw = figure.median, figure.raw_median
+        table.add(
+            f"{figure.events:,}",
+            str(len(figure.seconds)),
+            _num(None if median is None else median * 1000, 1),
+            f"{_num((row['min_s'] or 0) * 1000, 1)} / {_num((row['max_s'] or 0) * 1000, 1)}",
+            _num((row["handshake_median_s"] or 0) * 1000, 1),
+            _num(row["events_per_s"], 0),
+            _num(None if raw is None else raw * 1000, 2),
+            _ratio(median, raw),
+            "yes" if figure.complete else f"NO {figure.replayed}",
+        )
     return table
 
 
@@ -1304,9 +1563,31 @@ def _notes(report: Report) -> list[str]:
     if s.reduced:
         notes.append(
             "Quick run: fewer clients than the issue asks for (fan-out "
-            f"{', '.join(f'{n:,}' for n in s.fanout_clients)}; storm {s.storm_clients:,}; "
+            f"{', '.join(f'{n:,}' for n in s.fanout_clients)}; memory up to "
+            f"{max(s.connect_steps):,} connections; storm {s.storm_clients:,}; "
             f"latency with {', '.join(str(n) for n in s.latency_clients_per_job)} clients per "
             "job only). Run without --quick for the figures the goals are about."
+        )
+    notes.append(
+        "Memory: clients connect to both servers in steps "
+        f"({', '.join(f'{n:,}' for n in s.connect_steps)} in all) before any fan-out traffic; "
+        "'per connection, all open' is each server's RSS growth since before the first of them "
+        "over every connection open (the goal's figure), 'per connection added' the growth "
+        "during the step over the connections it added."
+    )
+    notes.append(
+        "Latency by clients: every client follows one job, which gets "
+        f"{s.fanout_latency_rate:g} events/s (one commit each); the raw server broadcasts the "
+        "same frames at the same rate, timed just before each is written. Fan-out sizes are "
+        "measured from the largest down, closing clients in between."
+    )
+    if report.replay:
+        notes.append(
+            "Replay: one client reconnects N events behind (connect, authenticate, subscribe "
+            "with afterSeq) and is timed until caught-up, median of "
+            f"{s.replay_repeats}; 'replay query alone' reads the same rows with the gateway's "
+            "kind of query on a connection of its own (no decoding, no sending): the database's "
+            "share."
         )
     notes.append(
         "Latency: the appender commits the events due every "
@@ -1402,9 +1683,14 @@ def render(
         )
     tables = [
         ("Fan-out (every client follows the same job)", fanout_table(report)),
+        (
+            f"Commit-to-client latency by clients (one job, {s.fanout_latency_rate:g} events/s)",
+            latency_table(report, report.fanout_latency),
+        ),
         ("Commit-to-client latency", latency_table(report)),
         ("Reconnect storm", storm_table(report)),
         ("Memory per idle subscribed connection (RSS)", memory_table(report)),
+        ("Replay after a gap (one client reconnecting)", replay_table(report)),
     ]
     notes = _notes(report)
     text_parts = [f"Fan-out — {started_at}", header, method]
@@ -1445,14 +1731,20 @@ def render(
         "latency": [
             {"raw": raw.to_json(), "gateway": gateway.to_json()} for raw, gateway in report.latency
         ],
+        "fanout_latency": [
+            {"raw": raw.to_json(), "gateway": gateway.to_json()}
+            for raw, gateway in report.fanout_latency
+        ],
+        "replay": [figure.to_json() for figure in report.replay],
         "storm": [figure.to_json() for figure in report.storm],
         "memory": [
             {
+                "connections": gateway.total,
                 "raw": raw.to_json(),
                 "gateway": gateway.to_json(),
                 "ratio": _round(
-                    (gateway.bytes_per_connection or 0) / raw.bytes_per_connection
-                    if raw.bytes_per_connection
+                    (gateway.bytes_per_connection_total or 0) / raw.bytes_per_connection_total
+                    if raw.bytes_per_connection_total
                     else None
                 ),
             }

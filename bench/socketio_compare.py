@@ -38,11 +38,13 @@ from services.common.auth import issue_token
 from services.common.eventlog import EventLog
 
 from . import fanout, socketio_load
-from .common import Context, Rendered, Table, percentile, pool, run_benchmark
+from .common import Context, Rendered, Table, percentile, pool, run_benchmark, step_message
 from .control import Child, raise_open_files, rss_kib
 
 NAME = "socketio"
 GOAL_RATIO = 4.0
+STEPS = 4
+"""Measurements of a run: one per server, and the disconnect test."""
 _SETTLE_SECONDS = 0.3
 
 
@@ -69,6 +71,7 @@ class Settings:
         return fanout.Settings(
             seconds=self.seconds,
             warmup=self.warmup,
+            memory_clients=(self.clients,),
             fanout_clients=(self.clients,),
             raw_modes=("broadcast",),
             backlog_events=self.backlog_events,
@@ -76,6 +79,7 @@ class Settings:
             latency_clients_per_job=(1,),
             storm_jobs=1,
             storm_behind=1,
+            replay_gaps=(),
             warm_clients=self.warm_clients,
             payload_bytes=self.payload_bytes,
             drain_timeout=self.drain_timeout,
@@ -280,11 +284,15 @@ async def measure_all(
         sio_rig = fanout.Rig(fs, log, jobs, gateway, sio, sio_load, token, say)
         room = jobs.fanout[0]
 
-        for name, r, server in (
-            ("raw websockets", rig, "raw"),
-            ("gateway", rig, "gateway"),
-            ("python-socketio", sio_rig, "raw"),
+        for number, (name, r, server) in enumerate(
+            (
+                ("raw websockets", rig, "raw"),
+                ("gateway", rig, "gateway"),
+                ("python-socketio", sio_rig, "raw"),
+            ),
+            start=1,
         ):
+            say(step_message(number, STEPS, f"{name}: {n:,} clients"))
             await r.open(f"{server}-warm", server, fs.warm_clients, [jobs.warm])
             await asyncio.sleep(_SETTLE_SECONDS)
             say(f"  {name}: connecting {n:,} clients")
@@ -318,7 +326,11 @@ async def measure_all(
             await r.close(f"{server}-fanout")
             await r.close(f"{server}-warm")
 
-        say(f"  events missed across a {settings.gap_seconds:g} s disconnect …")
+        say(
+            step_message(
+                STEPS, STEPS, f"events missed across a {settings.gap_seconds:g} s disconnect"
+            )
+        )
         missed, sent = await _socketio_gap(sio_rig._url("raw"), sio, settings)
         report.sides["python-socketio"].missed_after_gap = missed
         report.sides["python-socketio"].sent_during_gap_test = sent

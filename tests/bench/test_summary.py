@@ -1,0 +1,105 @@
+"""The summary table renders from hand-made result documents (no benchmark runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import summary
+
+from . import sample_results
+
+
+def _rows(table: summary.Summary, benchmark: str) -> list[summary.Row]:
+    return [row for row in table.rows if row.benchmark == benchmark]
+
+
+def test_one_table_of_every_headline_figure(tmp_path: Path) -> None:
+    sample_results.write_all(tmp_path)
+    results = summary.load_results(tmp_path, ["appends", "export", "fanout", "socketio"])
+    timings = [
+        {"name": "appends", "budget": 240.0, "elapsed": 150.2, "failed": False},
+        {"name": "fanout", "budget": 180.0, "elapsed": 190.0, "failed": True},
+    ]
+    table = summary.build(results, timings=timings, plots=[tmp_path / "fanout_memory.png"])
+
+    markdown = table.markdown()
+    assert markdown.count("| benchmark | figure |") == 1
+    assert [line for line in markdown.splitlines() if line.startswith("| ")][1].startswith("| :---")
+    for benchmark in ("appends", "export", "fanout", "socketio"):
+        assert _rows(table, benchmark), benchmark
+    assert "PostgreSQL 16.4" in markdown
+    assert f"{table.machine['cores']} cores" in markdown
+    assert "appends 2:30 of 4:00" in markdown
+    assert "fanout 3:10 of 3:00 (FAILED)" in markdown
+    assert "![fanout_memory](fanout_memory.png)" in markdown
+
+    fanout = {row.figure: row for row in _rows(table, "fanout")}
+    big = fanout["fan-out to 5,000 clients of one job: deliveries"]
+    assert big.measured == "30,000/s"
+    assert big.baseline == "raw websockets broadcast: 48,000/s"
+    assert big.ratio == "0.62×"
+    assert big.goal == "≥ 0.7× raw"
+    assert big.met is False
+    assert fanout["fan-out to 1,000 clients of one job: deliveries"].met is True
+    latency = [row for row in fanout.values() if row.figure.startswith("commit-to-client p99")]
+    assert [row.met for row in latency] == [True, False, None]
+    storm = next(row for row in fanout.values() if row.figure.startswith("reconnect storm"))
+    assert (storm.measured, storm.met) == ("3.90 s", True)
+    assert "2.67 s" in storm.baseline  # the raw server with the gateway's listen backlog
+    memory = next(row for row in fanout.values() if row.figure.startswith("memory"))
+    assert (memory.measured, memory.baseline, memory.met) == (
+        "18.9 kB",
+        "raw websockets: 15.1 kB",
+        True,
+    )
+    assert "10,000 events behind" in next(r.figure for r in fanout.values() if "replay" in r.figure)
+
+    socketio = _rows(table, "socketio")
+    assert socketio[0].ratio == "3.99×"
+    assert socketio[0].met is False
+    assert socketio[2].measured == "0 of 800"
+
+    export = _rows(table, "export")
+    assert export[0].met is True
+    assert "overhead +2.0 %" in export[0].measured
+    assert export[1].ratio == "0.69×"
+
+    group = _rows(table, "appends")[-1]
+    assert group.figure.startswith("group commit")
+    assert group.measured == "21,000/s, p99 18.5 ms"
+    assert group.met is True
+    assert group.ratio == "2.59×"
+
+    md_path, json_path = summary.write(tmp_path, table)
+    assert md_path.read_text() == markdown
+    payload = json.loads(json_path.read_text())
+    assert payload["machine"]["postgresql"] == "16.4"
+    assert payload["machine"]["cores"]
+    assert payload["machine"]["date"]
+    assert len(payload["rows"]) == len(table.rows)
+    assert payload["plots"] == ["fanout_memory.png"]
+
+
+def test_group_commit_not_measured_without_its_keys() -> None:
+    table = summary.build({"appends": sample_results.appends(group_commit=False)})
+    group = table.rows[-1]
+    assert group.figure == "group commit"
+    assert group.measured == summary.NOT_MEASURED
+    assert group.met is None
+    assert "≥ 20,000 events/s from 1,000 jobs, p99 < 20 ms" in group.goal
+    assert "| not measured |" in table.markdown()
+
+
+def test_a_failed_benchmark_has_one_row_saying_so() -> None:
+    table = summary.build({"fanout": None, "export": sample_results.export()})
+    assert table.rows[0].benchmark == "fanout"
+    assert table.rows[0].measured == summary.NOT_MEASURED
+    assert [row.benchmark for row in table.rows[1:]] == ["export", "export"]
+
+
+def test_missing_figures_show_as_dashes() -> None:
+    table = summary.build({"fanout": {"fanout": [{"gateway": {"clients": 10}}]}})
+    (row,) = table.rows
+    assert (row.measured, row.ratio, row.met) == ("—", "—", None)
+    assert table.table().text()
