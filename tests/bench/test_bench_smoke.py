@@ -24,6 +24,7 @@ TINY = appends.Settings(
     jobs_per_writer=2,
     group_jobs=20,
     group_rate=400.0,
+    group_lower_rates=(200.0,),
     group_max_batch=8,
     group_seconds=0.3,
     group_sweep=(1, 5),

@@ -103,3 +103,21 @@ def test_missing_figures_show_as_dashes() -> None:
     (row,) = table.rows
     assert (row.measured, row.ratio, row.met) == ("—", "—", None)
     assert table.table().text()
+
+
+def test_the_rate_group_commit_sustains_has_a_row_of_its_own() -> None:
+    data = sample_results.appends()
+    data["group_sustained"] = {
+        "offered_events_per_s": 10_000.0,
+        "events_per_s": 9_950.0,
+        "p99_ms": 14.2,
+        "jobs": 1000,
+    }
+    row = summary.appends_rows(data)[-1]
+    assert row.figure.startswith("group commit: the highest offered rate kept")
+    assert row.measured == "10,000/s offered, 9,950/s delivered, p99 14.2 ms"
+    data["group_sustained"] = None
+    assert summary.appends_rows(data)[-1].measured == "none of the rates tried"
+    del data["group_sustained"]
+    assert summary.appends_rows(data)[-1].figure.startswith("group commit")
+    assert summary.appends_rows(data)[-1].measured == "21,000/s, p99 18.5 ms"
