@@ -8,6 +8,7 @@ each append before it is written, and writes every append with one round trip.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import msgspec
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.chain import BrokenLink, verify_chain
 from schemas.events import Event, EventData, encode_data, type_of
@@ -121,6 +123,49 @@ class _Prepared(msgspec.Struct):
     state: JobState | None
 
 
+class AppendMetrics:
+    """Prometheus figures of the appends an EventLog makes, in a registry of the caller's."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str = "eventlog") -> None:
+        self.events = Counter(
+            f"{prefix}_events_appended", "Events appended, by type", ["type"], registry=registry
+        )
+        self.refused = Counter(
+            f"{prefix}_appends_refused",
+            "Appends refused: another append came first (conflict) or the job's lifecycle "
+            "refused them (closed)",
+            ["reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_append_seconds",
+            "Time from an append's call to its commit, group commit included",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=registry,
+        )
+        self.batch = Histogram(
+            f"{prefix}_group_commit_appends",
+            "Appends carried by one group-commit transaction",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            f"{prefix}_group_commit_waiting",
+            "Appends waiting for a group-commit transaction to leave",
+            registry=registry,
+        )
+        self._by_type: dict[str, Any] = {}
+
+    def appended(self, events: Sequence[NewEvent], seconds: float) -> None:
+        self.latency.observe(seconds)
+        for new in events:
+            kind = type_of(new.data)
+            child = self._by_type.get(kind)
+            if child is None:
+                child = self._by_type[kind] = self.events.labels(kind)
+            child.inc()
+
+
 class GroupCommit(msgspec.Struct, frozen=True, kw_only=True):
     """How an EventLog gathers appends into shared transactions (see `EventLog.append`)."""
 
@@ -177,6 +222,7 @@ class EventLog:
         on_commit: Callable[[], None] | None = None,
         state_cache_size: int = 10_000,
         group_commit: GroupCommit | None = None,
+        metrics: AppendMetrics | None = None,
     ) -> None:
         """`notify`: NOTIFY inside each append transaction. `on_commit`: called after an append
         of ours commits (a `Notifier.poke`, the cheaper way to wake readers under load); with
@@ -194,6 +240,9 @@ class EventLog:
         self.batches = 0
         """Group-commit transactions made so far (with `appends_batched`, the mean batch size)."""
         self.appends_batched = 0
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.waiting.set_function(lambda: len(self._waiting))
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -230,13 +279,19 @@ class EventLog:
             project_id=project_id,
             owner_id=owner_id,
         )
+        started = time.perf_counter()
         if conn is None and self._group is not None:
             _check(request)
             result = await self._join_group(request)
         else:
             (result,) = await self.append_many([request], conn=conn)
         if isinstance(result, EventLogError):
+            if self._metrics is not None:
+                reason = "conflict" if isinstance(result, ConflictError) else "closed"
+                self._metrics.refused.labels(reason).inc()
             raise result
+        if self._metrics is not None and not result.duplicate:
+            self._metrics.appended(events, time.perf_counter() - started)
         return result
 
     # -- group commit ----------------------------------------------------------------------
@@ -281,6 +336,8 @@ class EventLog:
         else:
             self.batches += 1
             self.appends_batched += len(batch)
+            if self._metrics is not None:
+                self._metrics.batch.observe(len(batch))
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

@@ -112,11 +112,22 @@ RETURNING jobs.job_id, jobs.project_id, jobs.owner_id, jobs.status, jobs.last_se
 
 -- name: renew_leases
 -- Extend worker $1's leases on jobs $2 by $3 seconds; answer each job still held with its
--- status, so a cancel requested elsewhere is noticed here too.
+-- status, so a cancel requested elsewhere is noticed here too. The rows are locked in job id
+-- order first, the order every statement that locks several job rows keeps (append_events,
+-- group commit): a plain multi-row UPDATE locks in whatever order its plan reads them, and
+-- deadlocks against a batch of appends holding some of the same rows.
+WITH held AS (
+    SELECT job_id
+      FROM jobs
+     WHERE job_id = ANY ($2::uuid[]) AND lease_owner = $1
+     ORDER BY job_id
+       FOR UPDATE
+)
 UPDATE jobs
    SET lease_expires_at = now() + make_interval(secs => $3)
- WHERE job_id = ANY ($2::uuid[]) AND lease_owner = $1
-RETURNING job_id, status;
+  FROM held
+ WHERE jobs.job_id = held.job_id AND jobs.lease_owner = $1
+RETURNING jobs.job_id, jobs.status;
 
 -- name: release_lease
 -- The job is finished (or given back): let go of it.
@@ -291,3 +302,10 @@ INSERT INTO audit_reads (auditor, roles, method, endpoint, path, filters, status
                          finished_at)
 VALUES ($1, $2, 'SUBSCRIBE', '/ws', '/ws', $3::jsonb, 101, true, now())
 RETURNING id;
+
+-- name: active_job_counts
+-- Unfinished jobs by status, for the export_jobs metric (served by jobs_unfinished, 0002).
+SELECT status, count(*) AS count
+  FROM jobs
+ WHERE status IN ('queued', 'running', 'cancelling')
+ GROUP BY status;

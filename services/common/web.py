@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -86,31 +88,63 @@ def error_middleware(metrics: HttpMetrics) -> Middleware:
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
         status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            if exc.status >= 400 and exc.content_type != "application/json":
-                response = error_response(exc.status, _code(exc.status), exc.reason)
-                for name, value in exc.headers.items():
-                    # Keep what the handler said beyond the body (Content-Range on a 416,
-                    # Allow on a 405, WWW-Authenticate on a 401).
-                    if name.lower() not in ("content-type", "content-length"):
-                        response.headers[name] = value
+        request_id = request_id_of(request)
+        # Every log line written while this request is handled carries its id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                response = await _answer(request, handler)
+                status = response.status
+                if not response.prepared:
+                    response.headers[REQUEST_ID_HEADER] = request_id
                 return response
-            raise
-        except Exception:
-            log.exception("request failed", path=request.path, method=request.method)
-            return error_response(500, "internal", "internal error")
-        finally:
-            metrics.requests.labels(metrics.service, route_name, request.method, str(status)).inc()
-            metrics.latency.labels(metrics.service, route_name).observe(
-                time.perf_counter() - started
-            )
+            except web.HTTPException as exc:  # answered by aiohttp itself (redirects, ...)
+                status = exc.status
+                exc.headers[REQUEST_ID_HEADER] = request_id
+                raise
+            finally:
+                metrics.requests.labels(
+                    metrics.service, route_name, request.method, str(status)
+                ).inc()
+                metrics.latency.labels(metrics.service, route_name).observe(
+                    time.perf_counter() - started
+                )
 
     return middleware
+
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_KEY = web.RequestKey("request_id", str)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The request's id: the caller's X-Request-ID when it is a sane token (so one id can be
+    followed across services), else a fresh one. Sent back in the response's X-Request-ID."""
+    if _REQUEST_ID_KEY in request:
+        return request[_REQUEST_ID_KEY]
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request[_REQUEST_ID_KEY] = request_id
+    return request_id
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's response, with failures turned into JSON errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            response = error_response(exc.status, _code(exc.status), exc.reason)
+            for name, value in exc.headers.items():
+                # Keep what the handler said beyond the body (Content-Range on a 416,
+                # Allow on a 405, WWW-Authenticate on a 401).
+                if name.lower() not in ("content-type", "content-length"):
+                    response.headers[name] = value
+            return response
+        raise
+    except Exception:
+        log.exception("request failed", path=request.path, method=request.method)
+        return error_response(500, "internal", "internal error")
 
 
 def _code(status: int) -> str:

@@ -17,14 +17,26 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.auth import TokenVerifier
 from services.common.db import create_pool, migrate, pending_migrations
-from services.common.eventlog import EventLog, GroupCommit
+from services.common.eventlog import AppendMetrics, EventLog, GroupCommit
 from services.common.notifier import Notifier
 from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
 
 from . import api, audit, download, openapi, streams, webroot
 from .config import ExportConfig
-from .keys import CONFIG, EVENTLOG, METRICS, NOTIFIER, POOL, STREAMS, TASKS, VERIFIER, WORKER
+from .keys import (
+    CONFIG,
+    EVENTLOG,
+    JOB_COUNTS,
+    METRICS,
+    NOTIFIER,
+    POOL,
+    STREAMS,
+    TASKS,
+    VERIFIER,
+    WORKER,
+)
+from .metrics import JobCounts
 from .retention import RetentionSweeper, retention_seconds
 from .worker import Worker
 
@@ -54,17 +66,26 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             if config.append_batch_max > 0
             else None
         )
+        registry = app[METRICS].registry
+        metrics = AppendMetrics(registry, "export")
         if config.notify == "transaction":
-            eventlog = EventLog(pool, notify=True, group_commit=group)
+            eventlog = EventLog(pool, notify=True, group_commit=group, metrics=metrics)
         else:
-            eventlog = EventLog(pool, notify=False, on_commit=notifier.poke, group_commit=group)
+            eventlog = EventLog(
+                pool,
+                notify=False,
+                on_commit=notifier.poke,
+                group_commit=group,
+                metrics=metrics,
+            )
         worker = Worker(pool, eventlog, config)
         app[POOL] = pool
         app[NOTIFIER] = notifier
         app[EVENTLOG] = eventlog
         app[WORKER] = worker
         app[TASKS] = tasks
-        registry = app[METRICS].registry
+        job_counts = JobCounts(pool, registry, interval=config.metrics_interval)
+        app[JOB_COUNTS] = job_counts
         Gauge("db_pool_connections", "Open database connections", registry=registry).set_function(
             pool.get_size
         )
@@ -73,6 +94,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
         tasks.append(asyncio.create_task(worker.run(), name="worker"))
+        tasks.append(asyncio.create_task(job_counts.run(), name="job-counts"))
         sweeper = RetentionSweeper(pool, eventlog, config, registry=registry)
         if sweeper.enabled:  # stopped before the worker: it may finish its batch
             tasks.append(asyncio.create_task(sweeper.run(), name="retention"))

@@ -32,6 +32,10 @@ class ExportConfig:
     append_in_flight: int = field(
         default=2, metadata={"help": "group commit: append transactions under way at once"}
     )
+    metrics_interval: float = field(
+        default=5.0,
+        metadata={"help": "seconds between counts of unfinished jobs for /metrics (export_jobs)"},
+    )
     jwt_secret: str = field(
         default="", metadata={"fallback": "JWT_SECRET", "help": "HS256 secret for bearer tokens"}
     )

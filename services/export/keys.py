@@ -13,6 +13,7 @@ from services.common.notifier import Notifier
 from services.common.web import HttpMetrics
 
 from .config import ExportConfig
+from .metrics import JobCounts
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 CONFIG = web.AppKey("config", ExportConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
 EVENTLOG = web.AppKey("eventlog", EventLog)
+JOB_COUNTS = web.AppKey("job_counts", JobCounts)
 METRICS = web.AppKey("metrics", HttpMetrics)
 NOTIFIER = web.AppKey("notifier", Notifier)
 VERIFIER = web.AppKey("verifier", TokenVerifier)

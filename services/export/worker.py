@@ -280,7 +280,12 @@ class Worker:
     # -- one job ---------------------------------------------------------------------------
 
     async def _run_job(self, job: RunningJob, *, previous_owner: str | None) -> None:
+        # Every log line of this job's task, whichever module writes it, names the job.
+        structlog.contextvars.bind_contextvars(
+            job_id=str(job.job_id), project_id=job.state.project_id, worker=self.worker_id
+        )
         bound = log.bind(job_id=str(job.job_id), worker=self.worker_id)
+        log.info("export job claimed", seq=job.state.seq, previous_owner=previous_owner)
         try:
             await self._execute(job, previous_owner, bound)
         except LeaseLost:
@@ -306,6 +311,13 @@ class Worker:
                 # An archive published by a transaction that then failed must not linger.
                 await asyncio.to_thread(shutil.rmtree, self.archive_root / str(job.job_id), True)
         finally:
+            log.info(
+                "export job left",
+                status=job.state.status,
+                seq=job.state.seq,
+                handed_back=job.shutting_down,
+                lease_lost=job.lease_lost,
+            )
             self._running.pop(job.job_id, None)
             if not job.shutting_down and not job.lease_lost:
                 # The job has ended (or failed to start): its scratch space goes with it. A job

@@ -24,6 +24,7 @@ from services.common.eventlog import (
     GroupCommit,
     JobClosedError,
 )
+from services.common.queries import QUERIES
 from tests.support import cancelled, new_job, progress, queued, wait_for
 
 
@@ -261,3 +262,34 @@ async def test_the_set_based_check_refuses_each_broken_rule(
     with pytest.raises(asyncpg.PostgresError) as info:
         await _insert_hashed(pool, **row)  # type: ignore[arg-type]
     assert info.value.sqlstate == code, info.value
+
+
+async def test_lease_renewals_and_group_commits_never_deadlock(pool: asyncpg.Pool) -> None:
+    """Every statement that locks several job rows locks them in job id order, as a group
+    commit does; a renewal of many leases that locked them in table order deadlocked with it."""
+    log = grouped(pool, in_flight=2, max_batch=8)
+    jobs = await _jobs(log, 24)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE jobs SET lease_owner = 'w', lease_expires_at = now() + interval '1 minute'"
+            " WHERE job_id = ANY ($1::uuid[])",
+            jobs,
+        )
+    seqs = dict.fromkeys(jobs, 2)
+
+    async def appends() -> None:
+        for round_ in range(6):
+            results = await asyncio.gather(
+                *(log.append(job, seqs[job], [progress(round_ + 1.0)]) for job in jobs)
+            )
+            for result in results:
+                seqs[result.job_id] = result.last_seq
+
+    async def renewals() -> None:
+        for _ in range(40):
+            async with pool.acquire() as conn:
+                rows = await conn.fetch(QUERIES["renew_leases"], "w", list(reversed(jobs)), 60)
+            assert len(rows) == len(jobs)
+
+    await asyncio.wait_for(asyncio.gather(appends(), renewals(), renewals()), 60)
+    assert all(seq == 8 for seq in seqs.values())
