@@ -124,8 +124,24 @@ CLOSE_CODES: tuple[CloseCode, ...] = (
         4029,
         "CLOSE_LIMIT",
         "More messages than `GATEWAY_MESSAGE_RATE` a second (bursts of "
-        "`GATEWAY_MESSAGE_BURST`), or a subscription beyond `GATEWAY_MAX_SUBSCRIPTIONS`.",
-        "Send less, or follow fewer streams on one connection.",
+        "`GATEWAY_MESSAGE_BURST`), a subscription beyond `GATEWAY_MAX_SUBSCRIPTIONS`, or, "
+        "right after authentication, a connection beyond `GATEWAY_MAX_CONNECTIONS_PER_USER` "
+        "of the token's user to this gateway process.",
+        "Send less, follow fewer streams on one connection, or close another connection; "
+        "reconnect after a pause.",
+    ),
+    CloseCode(
+        1002,
+        "CLOSE_PROTOCOL_ERROR",
+        "The client broke the WebSocket protocol (RFC 6455): an unmasked or malformed frame, "
+        "an unknown opcode, a reserved bit set (closed by the WebSocket layer).",
+        "Fix the client: a WebSocket library never sends such frames.",
+    ),
+    CloseCode(
+        1007,
+        "CLOSE_NOT_UTF8",
+        "A text frame that is not valid UTF-8 (closed by the WebSocket layer).",
+        "Send JSON as UTF-8 text.",
     ),
     CloseCode(
         1009,
@@ -149,17 +165,18 @@ CLOSE_CODES: tuple[CloseCode, ...] = (
 """Every code the gateway closes a connection with, besides a normal closure."""
 
 ERROR_CODES: dict[str, str] = {
-    "invalid_message": "Not JSON or not one of the client messages, a second `auth`, a "
-    "subscribe or unsubscribe that does not name exactly one stream, an empty `projectId`, or a "
-    "cursor of the wrong kind or below zero.",
+    "invalid_message": "Not JSON (or JSON nested too deeply) or not one of the client messages, "
+    "a second `auth`, a subscribe or unsubscribe that does not name exactly one stream, a "
+    "`projectId` that is not a project id (1 to 128 letters, digits, '.', '_' or '-', not "
+    "starting with '.'), or a cursor of the wrong kind or below zero.",
     "already_subscribed": "A subscribe to a stream the connection already follows.",
     "not_subscribed": "An unsubscribe from a stream the connection does not follow.",
     "not_found": "A job that does not exist or that the token may not read: the same answer for "
     "both, so existence is not revealed.",
     "forbidden": "A project outside the token's `projects`, the whole log without the `service` "
     "or `auditor` role, or a cancel the export service refused to this token.",
-    "unavailable": "The export service did not answer a forwarded cancel, or answered with an "
-    "unexpected status; try again.",
+    "unavailable": "The export service did not answer a forwarded cancel or answered it with an "
+    "unexpected status, or an auditor's subscription could not be recorded; try again.",
 }
 """Every `code` of an `error` message, and when it is sent."""
 
@@ -370,7 +387,10 @@ _RECEIVE: dict[type[msgspec.Struct], tuple[str, tuple[type[msgspec.Struct], ...]
         f"`{TOKEN_SUBPROTOCOL_PREFIX}<JWT>` subprotocol; it must arrive within "
         "`GATEWAY_AUTH_TIMEOUT` seconds. The gateway "
         "answers `authenticated`, or closes the connection with 4001 when the token is "
-        "missing, malformed, forged or expired, or the first message is anything else. An "
+        "missing, malformed, forged or expired (or lacks the `aud` or `iss` that "
+        "`GATEWAY_JWT_AUDIENCE` and `GATEWAY_JWT_ISSUER` require), or the first message is "
+        "anything else, and with 4029 when the token's user already holds "
+        "`GATEWAY_MAX_CONNECTIONS_PER_USER` connections to this gateway process. An "
         "`auth` on an authenticated connection is answered with an `invalid_message` error.",
         (Authenticated,),
     ),
@@ -609,9 +629,9 @@ payloads are those of `schemas/json/client-message.schema.json` and \
 `{TOKEN_SUBPROTOCOL_PREFIX}<JWT>` in the handshake (`Sec-WebSocket-Protocol`, which is what a \
 browser can set; the gateway selects `{SUBPROTOCOL}`), or send \
 `{{"type": "auth", "token": "<JWT>"}}` as the first message. The token is the export service's \
-bearer token: claims `sub`, `exp`, `projects` (or `"*"`) and `roles`. The gateway answers \
-`authenticated`, and closes the connection with 4001 when the token is refused and with 4003 \
-when it expires.
+bearer token: claims `sub`, `exp`, `projects` (or `"*"`) and `roles`, and `aud` and `iss` when \
+`GATEWAY_JWT_AUDIENCE` and `GATEWAY_JWT_ISSUER` are set. The gateway answers `authenticated`, \
+and closes the connection with 4001 when the token is refused and with 4003 when it expires.
 
 **Close codes.**
 

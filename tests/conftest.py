@@ -9,6 +9,7 @@ is far faster than migrating, and never sees another test's rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -115,21 +116,32 @@ async def template_db(pg_server: str) -> str:
     return name
 
 
-@pytest.fixture
-async def database_url(pg_server: str, template_db: str) -> AsyncIterator[str]:
-    """DSN of a fresh, migrated database for this test alone."""
-    name = f"exportlog_test_{uuid.uuid4().hex[:16]}"
+@contextlib.asynccontextmanager
+async def cloned_database(
+    pg_server: str, template_db: str, prefix: str = "exportlog_test"
+) -> AsyncIterator[str]:
+    """DSN of a fresh database cloned from the migrated template, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(pg_server)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     finally:
         await admin.close()
-    yield with_database(pg_server, name)
-    admin = await asyncpg.connect(pg_server)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield with_database(pg_server, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_server: str, template_db: str) -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database for this test alone."""
+    async with cloned_database(pg_server, template_db) as url:
+        yield url
 
 
 @pytest.fixture

@@ -47,6 +47,9 @@ PUBLIC_PATHS = frozenset(
     }
 )
 """Routes (as their templates: `/demo/{path}` is every file of the demo page) open to all."""
+MAX_BODY = 1 << 20
+"""The largest request body the service reads (aiohttp's `client_max_size`); beyond, 413. The
+API's bodies (export options, consumers, acks) are a few hundred bytes."""
 MAX_PAGE = 1000
 MAX_HISTORY_PAGE = 100
 MAX_IDEMPOTENCY_KEY = 200
@@ -131,8 +134,26 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         response.headers["WWW-Authenticate"] = 'Bearer realm="exportlog"'
         return response
     request[PRINCIPAL] = principal
+    unstorable = _unstorable_text(request)
+    if unstorable is not None:
+        return error_response(400, "bad_request", unstorable)
     response = await handler(request)
     return response
+
+
+def _unstorable_text(request: web.Request) -> str | None:
+    """Why the path or the query cannot be taken as text, if it cannot.
+
+    A NUL character decoded from `%00` is valid in a URL but not in a PostgreSQL string: an
+    auditor's read, whose path and parameters are recorded before it is served, would fail to
+    be recorded and be refused with a 503 that no retry can cure. It is refused here, with a
+    400, for every caller alike."""
+    if "\x00" in request.path:
+        return "the path cannot contain a NUL character (%00)"
+    for name, value in request.query.items():
+        if "\x00" in name or "\x00" in value:
+            return "query parameters cannot contain a NUL character (%00)"
+    return None
 
 
 def _principal(request: web.Request) -> Principal:

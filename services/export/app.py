@@ -180,7 +180,7 @@ def create_app(config: ExportConfig) -> web.Application:
             api.auth_middleware,
             audit.audit_reads_middleware,
         ],
-        client_max_size=1 << 20,
+        client_max_size=api.MAX_BODY,
     )
     app[CONFIG] = config
     app[METRICS] = http_metrics

@@ -41,6 +41,7 @@ from services.common.verify import RangeVerifyReport
 from services.common.web import ErrorResponse, _code
 
 from .api import (
+    MAX_BODY,
     MAX_HISTORY_PAGE,
     MAX_IDEMPOTENCY_KEY,
     MAX_PAGE,
@@ -72,8 +73,9 @@ OPENAPI_FILE = SCHEMA_DIR.parent / "openapi.json"
 DISTRIBUTION = "exportlog"
 TITLE = "exportlog export service"
 SECURITY_SCHEME = "bearerAuth"
-MAX_BODY = 1 << 20
-"""`client_max_size` of the application (services/export/app.py)."""
+MAX_LINE = 8190
+"""The longest request line, and header, that aiohttp's HTTP parser takes (its `max_line_size`
+and `max_field_size`); a longer one is answered by the parser itself: 400 in plain text."""
 MAX_AFTER_SEQ = 2**31 - 1
 MAX_POSITION = 2**63 - 1
 
@@ -220,6 +222,15 @@ def _integer(low: int, high: int, default: int, **extra: Any) -> JSONSchema:
     return {"type": "integer", "minimum": low, "maximum": high, "default": default} | extra
 
 
+def _blank_is_absent(parameter: JSONSchema) -> JSONSchema:
+    """A query parameter of the audit routes, which read an empty value (the blank field of a
+    form) as an absent one: its schema also takes the empty string."""
+    return parameter | {
+        "description": f"{parameter['description']} Empty is the same as absent.",
+        "schema": {"anyOf": [parameter["schema"], {"type": "string", "maxLength": 0}]},
+    }
+
+
 _PARAMETERS: dict[str, JSONSchema] = {
     "ProjectId": _parameter(
         "project_id",
@@ -312,7 +323,6 @@ def _start_export() -> JSONSchema:
             ),
             403: _error(403, "The token may not change this project (auditors change nothing)."),
             404: _error(404, "There is no such project to export."),
-            413: _error(413, f"The body is larger than {MAX_BODY} bytes."),
             422: _error(
                 422,
                 "The export options do not match `ExportOptions`, select nothing to export, or "
@@ -680,22 +690,31 @@ def _audit_events() -> JSONSchema:
             _values_parameter("job", "Events of this job.", {"type": "string", "format": "uuid"}),
             _values_parameter("type", "Events of this type, e.g. `export:failed`.", text),
             _values_parameter("actor", "Events caused by this actor, e.g. `user:alice`.", text),
-            _parameter("occurredFrom", "query", "Events that occurred at or after.", moment),
-            _parameter("occurredTo", "query", "Events that occurred before.", moment),
-            _parameter("fromPosition", "query", "Events at or after this position.", position),
-            _parameter(
-                "toPosition",
-                "query",
-                "Events at or before this position.",
-                position | {"minimum": 0},
+            *map(
+                _blank_is_absent,
+                [
+                    _parameter(
+                        "occurredFrom", "query", "Events that occurred at or after.", moment
+                    ),
+                    _parameter("occurredTo", "query", "Events that occurred before.", moment),
+                    _parameter(
+                        "fromPosition", "query", "Events at or after this position.", position
+                    ),
+                    _parameter(
+                        "toPosition",
+                        "query",
+                        "Events at or before this position.",
+                        position | {"minimum": 0},
+                    ),
+                    _parameter(
+                        "after",
+                        "query",
+                        "The cursor: events after this position.",
+                        _integer(0, MAX_POSITION, 0, format="int64"),
+                    ),
+                    _PARAMETERS["PageLimit"],
+                ],
             ),
-            _parameter(
-                "after",
-                "query",
-                "The cursor: events after this position.",
-                _integer(0, MAX_POSITION, 0, format="int64"),
-            ),
-            _component_parameter("PageLimit"),
             _parameter(
                 "format",
                 "query",
@@ -724,17 +743,21 @@ def _job_timeline() -> JSONSchema:
         parameters=[
             _PROJECT,
             _JOB,
-            _parameter(
-                "afterSeq",
-                "query",
-                "Only events with a greater `seq`.",
-                _integer(0, MAX_AFTER_SEQ, 0),
+            _blank_is_absent(
+                _parameter(
+                    "afterSeq",
+                    "query",
+                    "Only events with a greater `seq`.",
+                    _integer(0, MAX_AFTER_SEQ, 0),
+                )
             ),
-            _parameter(
-                "limit",
-                "query",
-                "At most this many events in the page.",
-                _integer(1, MAX_TIMELINE_PAGE, MAX_TIMELINE_PAGE),
+            _blank_is_absent(
+                _parameter(
+                    "limit",
+                    "query",
+                    "At most this many events in the page.",
+                    _integer(1, MAX_TIMELINE_PAGE, MAX_TIMELINE_PAGE),
+                )
             ),
         ],
     )
@@ -766,17 +789,21 @@ def _verify_range() -> JSONSchema:
             503: _AUDITED,
         },
         parameters=[
-            _parameter(
-                "from",
-                "query",
-                "The first position checked.",
-                _integer(1, MAX_POSITION, 1, format="int64"),
+            _blank_is_absent(
+                _parameter(
+                    "from",
+                    "query",
+                    "The first position checked.",
+                    _integer(1, MAX_POSITION, 1, format="int64"),
+                )
             ),
-            _parameter(
-                "to",
-                "query",
-                "The last position checked; default: the log's head.",
-                {"type": "integer", "minimum": 1, "maximum": MAX_POSITION, "format": "int64"},
+            _blank_is_absent(
+                _parameter(
+                    "to",
+                    "query",
+                    "The last position checked; default: the log's head.",
+                    {"type": "integer", "minimum": 1, "maximum": MAX_POSITION, "format": "int64"},
+                )
             ),
         ],
     )
@@ -1123,7 +1150,43 @@ def _demo_config() -> JSONSchema:
     )
 
 
+_TOO_LARGE = _error(413, f"The body is larger than {MAX_BODY} bytes.")
+_TOO_LONG = (
+    f"A request line (method, path and query) or a header longer than {MAX_LINE} bytes is "
+    "refused by the HTTP server before any route sees it, in plain text."
+)
+
+
 def _paths() -> dict[str, JSONSchema]:
+    """Every route, with the answers every operation of its kind may give: a read that needs a
+    token may be refused with 503 (an auditor's read that could not be recorded), and a body
+    beyond `MAX_BODY` is refused with 413 wherever a body is read."""
+    paths = _routes()
+    for item in paths.values():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            if method in ("get", "head") and operation.get("security") != []:
+                audited = _AUDITED if method == "get" else {"description": _AUDITED["description"]}
+                responses.setdefault("503", audited)
+            if "requestBody" in operation:
+                responses.setdefault("413", _TOO_LARGE)
+            _add_too_long(responses, with_body=method != "head")
+            operation["responses"] = dict(sorted(responses.items()))
+    return paths
+
+
+def _add_too_long(responses: dict[str, JSONSchema], *, with_body: bool) -> None:
+    """Every operation may answer a plain-text 400 for a request line or header too long."""
+    bad = responses.get("400")
+    if bad is None:
+        bad = responses["400"] = {"description": _TOO_LONG}
+    else:
+        bad = responses["400"] = bad | {"description": f"{bad['description']} {_TOO_LONG}"}
+    if with_body:
+        bad["content"] = bad.get("content", {}) | {"text/plain": {"schema": {"type": "string"}}}
+
+
+def _routes() -> dict[str, JSONSchema]:
     base = "/projects/{project_id}/export"
     job = base + "/{job_id}"
     download = _download_export()

@@ -60,6 +60,12 @@ CLOSE_LIMIT = 4029
 """The client sent messages too fast or followed too many jobs (see the limits in the README)."""
 CLOSE_UNAVAILABLE = 1011
 """The gateway could not read the log: reconnect after a pause and resume from the last seq."""
+CLOSE_PROTOCOL_ERROR = 1002
+"""The client broke the WebSocket protocol (RFC 6455); sent by the websockets library."""
+CLOSE_NOT_UTF8 = 1007
+"""A text frame that is not UTF-8; sent by the websockets library."""
+MAX_CLOSE_REASON = 123
+"""Bytes of UTF-8 a close frame's reason may hold (a control frame carries at most 125)."""
 SUBPROTOCOL = "exportlog.v1"
 """Offer it (with `bearer.<token>` beside it, for browsers that cannot set headers)."""
 
@@ -84,10 +90,12 @@ async def close_connection(
     `ServerConnection.close()` first waits for the socket to take the close frame, and a client
     that has stopped reading never lets it: a slow client, the very one being closed, would
     hold its handler (and a shutdown) for as long as it stays frozen. Here the close frame is
-    written without waiting, and the connection is aborted when the client does not answer."""
+    written without waiting, and the connection is aborted when the client does not answer.
+    A reason too long for a close frame is cut: the frame would be refused, and the client
+    would see the connection drop (1006) instead of the code."""
     if connection.protocol.state is State.OPEN:
         with contextlib.suppress(Exception):
-            connection.protocol.send_close(code, reason)
+            connection.protocol.send_close(code, close_reason(reason))
             connection.send_data()
     try:
         async with asyncio.timeout(timeout):
@@ -95,6 +103,11 @@ async def close_connection(
     except TimeoutError:
         connection.transport.abort()
         await connection.wait_closed()
+
+
+def close_reason(reason: str) -> str:
+    """`reason`, cut to what a close frame holds, at a character boundary."""
+    return reason.encode("utf-8", "replace")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
 
 
 def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:

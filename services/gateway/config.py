@@ -27,6 +27,8 @@ class GatewayConfig:
         default="",
         metadata={"fallback": "JWT_PUBLIC_KEY", "help": "PEM public key (RS256/ES256) instead"},
     )
+    jwt_audience: str = field(default="", metadata={"help": "required token audience, if any"})
+    jwt_issuer: str = field(default="", metadata={"help": "required token issuer, if any"})
     export_url: str = field(
         default="http://127.0.0.1:8080",
         metadata={"help": "the export service's base URL, where cancels are forwarded"},
@@ -58,6 +60,13 @@ class GatewayConfig:
     max_subscriptions: int = field(
         default=100,
         metadata={"help": "streams (jobs, projects, the log) one connection may follow"},
+    )
+    max_connections_per_user: int = field(
+        default=0,
+        metadata={
+            "help": "connections one user (the token's sub) may hold open to this process, "
+            "beyond which a new one is closed with 4029; 0: no limit"
+        },
     )
     max_message_bytes: int = field(
         default=4096, metadata={"help": "largest message a client may send (close 1009 beyond)"}

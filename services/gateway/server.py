@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http
 import json
+import re
 import socket
 import time
 import uuid
@@ -36,6 +37,7 @@ from schemas.wire import (
     Authenticated,
     CancelAck,
     CancelExport,
+    ClientMessage,
     Heartbeat,
     Ping,
     Pong,
@@ -102,6 +104,23 @@ PRINCIPAL_CACHE = 10_000
 STREAM_ROLES = frozenset({"service", "auditor"})
 """Roles that may follow the whole log."""
 
+PROJECT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+"""A project id, as the export service accepts them (services/export/api.py): no project has
+another, so a `projectId` that is not one is refused before it reaches the database."""
+
+
+def decode_message(raw: str | bytes) -> ClientMessage | str:
+    """The client message in a frame, or why it is not one."""
+    try:
+        message: ClientMessage = client_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        return str(exc)
+    except RecursionError:
+        # msgspec decodes nested arrays and objects recursively, even those of a field it
+        # skips: a few kilobytes of brackets go deeper than the interpreter's stack allows.
+        return "JSON nested too deeply"
+    return message
+
 
 def stream_key(message: Subscribe | Unsubscribe) -> StreamKey | str:
     """The stream a subscribe or unsubscribe names, or what is wrong with it."""
@@ -113,6 +132,10 @@ def stream_key(message: Subscribe | Unsubscribe) -> StreamKey | str:
     if message.project_id is not None:
         if not message.project_id:
             return "projectId cannot be empty"
+        if not PROJECT_ID.fullmatch(message.project_id):
+            return (
+                "projectId must be 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+            )
         return ("project", message.project_id)
     return LOG
 
@@ -190,8 +213,13 @@ class Gateway:
             registry=self.registry,
         )
         self._verifier = TokenVerifier(
-            secret=config.jwt_secret or None, public_key=config.jwt_public_key or None
+            secret=config.jwt_secret or None,
+            public_key=config.jwt_public_key or None,
+            audience=config.jwt_audience or None,
+            issuer=config.jwt_issuer or None,
         )
+        self._per_user: dict[str, int] = {}
+        """Open authenticated connections of each user (`sub`) to this process."""
 
     @property
     def port(self) -> int:
@@ -398,6 +426,22 @@ class Gateway:
         if authenticated is None:
             return
         principal, token = authenticated
+        user = principal.user_id
+        limit = self.config.max_connections_per_user
+        if limit and self._per_user.get(user, 0) >= limit:
+            await self._close(connection, CLOSE_LIMIT, f"connections per user: at most {limit}")
+            return
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        try:
+            await self._serve(connection, principal, token)
+        finally:
+            if self._per_user[user] > 1:
+                self._per_user[user] -= 1
+            else:
+                del self._per_user[user]
+
+    async def _serve(self, connection: ServerConnection, principal: Principal, token: str) -> None:
+        """An authenticated connection, from its `authenticated` answer to its end."""
         _limit_send_buffer(connection, self.config.send_buffer)
         assert self._reader is not None
         client = Client(
@@ -462,14 +506,14 @@ class Gateway:
                 return None
         try:
             raw = await within(connection.recv(), self.config.auth_timeout)
-            message = client_decoder.decode(raw)
         except TimeoutError:
             await self._close(connection, CLOSE_AUTH_FAILED, "authenticate first")
             return None
-        except msgspec.DecodeError as exc:
-            await self._close(connection, CLOSE_AUTH_FAILED, f"invalid message: {exc}"[:120])
-            return None
         except websockets.ConnectionClosed:
+            return None
+        message = decode_message(raw)
+        if isinstance(message, str):
+            await self._close(connection, CLOSE_AUTH_FAILED, f"invalid message: {message}")
             return None
         if not isinstance(message, Authenticate):
             await self._close(connection, CLOSE_AUTH_FAILED, "the first message must be auth")
@@ -501,10 +545,9 @@ class Gateway:
                 client.close_soon(CLOSE_LIMIT, "too many messages")
                 continue
             allowance -= 1.0
-            try:
-                message = client_decoder.decode(raw)
-            except msgspec.DecodeError as exc:
-                client.error("invalid_message", str(exc))
+            message = decode_message(raw)
+            if isinstance(message, str):
+                client.error("invalid_message", message)
                 continue
             match message:
                 case Subscribe():
