@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Literal, TypeAlias
 
 import structlog
 import websockets
+from prometheus_client import CollectorRegistry, Histogram
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
@@ -119,6 +121,29 @@ def stream_names(key: StreamKey) -> tuple[uuid.UUID | None, str | None, bool]:
     return None, None, True
 
 
+class ReplayMetrics:
+    """How long subscriptions take from subscribe to caught-up, and how many events they
+    replay on the way (status-sync snapshots not counted), in a registry of the gateway's."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.seconds = Histogram(
+            "gateway_replay_seconds",
+            "Time from a subscribe to its caught-up marker",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.events = Histogram(
+            "gateway_replay_events",
+            "Events replayed to a subscription before its caught-up marker",
+            buckets=(0, 1, 10, 100, 1_000, 10_000, 100_000),
+            registry=registry,
+        )
+
+    def replayed(self, seconds: float, events: int) -> None:
+        self.seconds.observe(seconds)
+        self.events.observe(events)
+
+
 class Client:
     """A connected, authenticated client and everything it follows.
 
@@ -142,11 +167,13 @@ class Client:
         "_page_size",
         "_reader",
         "_reading",
+        "_replays",
         "_schedule",
         "_snapshot_jobs",
         "_unregister",
         "connection",
         "lost",
+        "metrics",
         "overflowed",
         "pending",
         "pending_bytes",
@@ -169,8 +196,12 @@ class Client:
         page_size: int,
         unregister: Callable[[StreamKey, Client], None],
         schedule: Callable[[Client], None],
+        metrics: ReplayMetrics | None = None,
     ) -> None:
         self.connection = connection
+        self.metrics = metrics
+        # Per subscription still catching up: when it started and how many events it replayed.
+        self._replays: dict[StreamKey, list[float]] | None = None  # made when first needed
         self.principal = principal
         self.token = token
         self._reader = reader
@@ -330,10 +361,12 @@ class Client:
                 case SendCaughtUp(seq=seq):
                     assert key[0] == "job"
                     self.send(server_encoder.encode(CaughtUp(job_id=key[1], seq=seq)))
+                    self._caught_up(key)
                 case SendStreamCaughtUp(position=position):
                     _, project_id, whole_log = stream_names(key)
                     marker = CaughtUp(project_id=project_id, log=whole_log, position=position)
                     self.send(server_encoder.encode(marker))
+                    self._caught_up(key)
                 case SendEndOfStream(seq=seq):
                     assert key[0] == "job"
                     self.send(server_encoder.encode(EndOfStream(job_id=key[1], seq=seq)))
@@ -366,6 +399,10 @@ class Client:
         """Forget a subscription (ended, unsubscribed, refused), and the reads it had queued."""
         subscription = self.subscriptions.pop(key, None)
         self._unregister(key, self)
+        if self._replays is not None:
+            self._replays.pop(key, None)
+            if not self._replays:
+                self._replays = None
         if subscription is not None and self.reads:
             self.reads = deque(r for r in self.reads if r[1] is not subscription) or None
 
@@ -441,6 +478,8 @@ class Client:
         if sends:
             first = page.events.index(sends[0].event)
             self.send(page.frame(first, first + len(sends)))
+            if self._replays is not None and key in self._replays:
+                self._replays[key][1] += len(sends)
         self.dispatch(key, [a for a in actions if not isinstance(a, Send)])
 
     def subscribe(
@@ -456,4 +495,18 @@ class Client:
         else:
             subscription = StreamSubscription(after, page_size=self._page_size)
         self.subscriptions[key] = subscription
+        if self.metrics is not None:
+            if self._replays is None:
+                self._replays = {}
+            self._replays[key] = [time.perf_counter(), 0]
         return subscription
+
+    def _caught_up(self, key: StreamKey) -> None:
+        """A subscription has caught up: record how long its replay took and how big it was."""
+        if self._replays is None or self.metrics is None:
+            return
+        started = self._replays.pop(key, None)
+        if started is not None:
+            self.metrics.replayed(time.perf_counter() - started[0], int(started[1]))
+        if not self._replays:
+            self._replays = None

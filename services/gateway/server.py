@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,7 @@ import asyncpg
 import msgspec
 import structlog
 import websockets
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -61,6 +62,7 @@ from .clients import (
     LOG,
     SUBPROTOCOL,
     Client,
+    ReplayMetrics,
     StreamKey,
     close_connection,
     stream_names,
@@ -212,6 +214,19 @@ class Gateway:
             "Clients closed because they fell behind (told to resume)",
             registry=self.registry,
         )
+        Gauge(
+            "gateway_subscriptions",
+            "Streams followed by this gateway's connections (jobs, projects, the log)",
+            registry=self.registry,
+        ).set_function(lambda: sum(len(client.subscriptions) for client in self._clients))
+        self._lag = Histogram(
+            "gateway_event_lag_seconds",
+            "From an event's occurredAt (its writer's clock) to the gateway handing it to its "
+            "subscribers: the append, the commit, the wake-up and the read",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self._replay_metrics = ReplayMetrics(self.registry)
         self._verifier = TokenVerifier(
             secret=config.jwt_secret or None,
             public_key=config.jwt_public_key or None,
@@ -327,6 +342,9 @@ class Gateway:
         """Fan a page of new events out: each encoded once, the same bytes for every client."""
         self._events_read.inc(len(events))
         self._position.set(events[-1].position)
+        now = datetime.now(UTC)
+        for event in events:
+            self._lag.observe(max(0.0, (now - event.occurred_at).total_seconds()))
         subscribers = self._subscribers
         sent = 0
         for event in events:
@@ -422,11 +440,14 @@ class Gateway:
         return _json(http.HTTPStatus.OK, {"status": "ready", "position": self._tailer.position})
 
     async def _handle(self, connection: ServerConnection) -> None:
+        # Every log line of this connection's task carries its id (and its user, once known).
+        structlog.contextvars.bind_contextvars(connection_id=connection.id.hex[:16])
         authenticated = await self._authenticate(connection)
         if authenticated is None:
             return
         principal, token = authenticated
         user = principal.user_id
+        structlog.contextvars.bind_contextvars(user=user)
         limit = self.config.max_connections_per_user
         if limit and self._per_user.get(user, 0) >= limit:
             await self._close(connection, CLOSE_LIMIT, f"connections per user: at most {limit}")
@@ -455,6 +476,7 @@ class Gateway:
             page_size=self.config.page_size,
             unregister=self._unregister,
             schedule=self._schedule_flush,
+            metrics=self._replay_metrics,
         )
         client.send(server_encoder.encode(Authenticated(user=principal.user_id)))
         expiry = asyncio.get_running_loop().call_later(
