@@ -20,6 +20,21 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+"""What a query can raise when the database is gone or restarting, to be retried rather than
+taken for a bug. `InternalClientError` belongs here: after the server ends a connection (a
+restart), asyncpg may hand it out of a pool once more, and its next query raises "cannot switch
+to state 12; another operation (2) is in progress" (asyncpg issue 1069)."""
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds a connection attempt of a long-lived connection (LISTEN, NOTIFY) may take: a server
+that accepts and then says nothing must not hold a reconnect loop."""
+
 _MIGRATION_LOCK = (1162628167, 2)  # 'EVLG', migrations
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -109,6 +124,18 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[int]:
     if exists:
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
     return [m.version for m in load_migrations() if m.version not in done]
+
+
+async def discard(conn: asyncpg.Connection) -> None:
+    """Close a connection that is done with, whatever state it is in, without raising: a close
+    that fails (the server is gone, the driver's protocol state is confused) must not end the
+    reconnect loop that calls this."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.close(timeout=2)
+    except Exception:
+        conn.terminate()
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:

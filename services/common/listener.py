@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import structlog
 
+from .db import CONNECT_TIMEOUT, discard
 from .timing import wait_event
 
 log = structlog.get_logger(__name__)
@@ -47,8 +48,8 @@ class Listener:
         while True:
             closed = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
+                conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+            except Exception as exc:  # whatever it is, the next try may work: never give up
                 log.warning(
                     "LISTEN connection failed",
                     listener=self._name,
@@ -58,7 +59,6 @@ class Listener:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
                 continue
-            backoff = 0.1
             try:
                 conn.add_termination_listener(lambda _c, done=closed: done.set())
                 for channel, handler in self._handlers.items():
@@ -66,17 +66,25 @@ class Listener:
                         channel, lambda _c, _pid, _ch, payload, h=handler: h(payload)
                     )
                 self.connected = True
+                backoff = 0.1
                 self._on_connected()
                 while not closed.is_set():
                     if not await wait_event(closed, self._keepalive):
                         # A connection that died without a word (a cut network) shows here.
                         await conn.execute("SELECT 1", timeout=5)
                 log.warning("LISTEN connection lost; reconnecting", listener=self._name)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
+                # Not only the database's error classes: a connection the server ended can make
+                # asyncpg raise InternalClientError. Anything that ended this run ends only this
+                # connection; the loop reconnects.
                 log.warning(
                     "LISTEN connection failed; reconnecting", listener=self._name, error=repr(exc)
                 )
             finally:
-                self.connected = False
-                if not conn.is_closed():
-                    await conn.close(timeout=2)
+                listened, self.connected = self.connected, False
+                await discard(conn)
+            if not listened:
+                # Connected but could not LISTEN: wait before the next try, as for a failed
+                # connect, rather than spin on a server that accepts and then fails.
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)

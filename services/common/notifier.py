@@ -16,6 +16,8 @@ import random
 import asyncpg
 import structlog
 
+from .db import CONNECT_TIMEOUT, discard
+
 log = structlog.get_logger(__name__)
 
 CHANNEL = "exportlog_events"
@@ -39,22 +41,27 @@ class Notifier:
         backoff = 0.1
         while True:
             try:
-                conn = await asyncpg.connect(self._dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
+                conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
+            except Exception as exc:  # whatever it is, the next try may work: never give up
                 log.warning("notifier cannot connect", error=repr(exc), retry_in=backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 5.0)
                 continue
-            backoff = 0.1
             try:
                 while True:
                     await self._pending.wait()
                     self._pending.clear()
                     await conn.execute("SELECT pg_notify($1, '')", self._channel)
                     self.sent += 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("notifier connection lost", error=repr(exc))
+                    backoff = 0.1
+            except Exception as exc:
+                # Not only the database's error classes: after the server ended the connection,
+                # asyncpg may raise InternalClientError. Whatever it was, this process's readers
+                # must go on being woken: reconnect (at once the first time).
+                log.warning("notifier connection lost", error=repr(exc), retry_in=backoff)
                 self._pending.set()  # the NOTIFY that failed is owed
             finally:
-                if not conn.is_closed():
-                    await conn.close(timeout=2)
+                await discard(conn)
+            if backoff > 0.1:
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)

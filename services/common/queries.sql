@@ -73,7 +73,8 @@ SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE;
 
 -- name: claim_jobs
 -- Take up to $2 claimable jobs for worker $1 under a lease of $3 seconds: unfinished jobs that
--- nobody holds, either never claimed or whose lease ran out (their worker died). A user holds at
+-- nobody holds, either never claimed or whose lease ran out (their worker died), and that are
+-- not among $5, the jobs the claiming process still runs. A user holds at
 -- most $4 leases: jobs already leased count, and so do the ones this claim takes, ranked by
 -- age per user. Callers run this under the claim lock (see Worker._claim), so that two
 -- processes claiming at the same moment see each other's claims.
@@ -88,6 +89,7 @@ WITH busy AS (
       FROM jobs j
      WHERE j.status IN ('queued', 'running', 'cancelling')
        AND (j.lease_expires_at IS NULL OR j.lease_expires_at < now())
+       AND NOT (j.job_id = ANY ($5::uuid[]))
        AND coalesce((SELECT b.n FROM busy b WHERE b.owner_id = j.owner_id), 0) < $4
      ORDER BY j.created_at, j.job_id
      LIMIT $2 * greatest($4, 1)

@@ -48,6 +48,7 @@ from schemas.events import (
 )
 from schemas.messages import CATALOGUE, message
 from schemas.state import JobState
+from services.common.db import DATABASE_ERRORS
 from services.common.eventlog import ConflictError, EventLog, JobClosedError, NewEvent
 from services.common.listener import Listener
 from services.common.queries import QUERIES
@@ -221,7 +222,7 @@ class Worker:
                 self._wake.clear()
                 try:
                     await self._claim()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DATABASE_ERRORS as exc:
                     log.warning("claiming work failed; retrying", error=repr(exc))
         finally:
             # Stop listening, but keep renewing leases until the jobs have stopped: a lease that
@@ -259,6 +260,9 @@ class Worker:
                 free,
                 self._config.lease_seconds,
                 self._config.per_user_limit,
+                # Never a job this process still runs: after an outage longer than the lease,
+                # its own lease has run out too, and it would run the job twice.
+                list(self._running),
             )
         for row in rows:
             state = _state_decoder.decode(row["state"])
@@ -512,7 +516,7 @@ class Worker:
                 job.stop()
             except LeaseLost:
                 job.stop()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 # Progress is informative; a lost report is replaced by the next one.
                 log.warning("progress append failed", job_id=str(job.job_id), error=repr(exc))
 
@@ -532,7 +536,12 @@ class Worker:
         the cancel's own outcome), LeaseLost when another worker holds the job.
         """
         events = [NewEvent(data=d, actor=f"worker:{self.worker_id}") for d in data]
-        for _ in range(5):
+        # A database that is restarting is waited for (the same event ids make a retry safe),
+        # for as long as the lease would have lasted; conflicts are re-read, five at most.
+        give_up = time.monotonic() + self._config.lease_seconds
+        pause = 0.05
+        conflicts = 0
+        while conflicts < 5:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     fenced = await conn.fetchval(
@@ -549,7 +558,15 @@ class Worker:
                         await prepare()
                     result = await self._log.append(job.job_id, job.seq, events, conn=conn)
             except ConflictError:
+                conflicts += 1
                 await self._refresh(job, outcome_of_cancel=outcome_of_cancel)
+                continue
+            except DATABASE_ERRORS as exc:
+                if time.monotonic() + pause > give_up:
+                    raise
+                log.warning("append failed; retrying", error=repr(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
                 continue
             self._log.committed()
             job.seq = result.last_seq
@@ -625,7 +642,7 @@ class Worker:
                     rows = await conn.fetch(
                         QUERIES["renew_leases"], self.worker_id, ids, self._config.lease_seconds
                     )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("lease renewal failed", error=repr(exc))
                 continue
             held = {row["job_id"]: row["status"] for row in rows}
@@ -655,7 +672,7 @@ class Worker:
         # A NOTIFY is only a hint: stop the job only if the log says its cancel was requested.
         try:
             state = await self._log.job_state(job.job_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             return  # the heartbeat looks again soon
         if state is not None and (state.status == "cancelling" or state.is_terminal):
             job.stop()

@@ -280,8 +280,11 @@ class Client:
             return
         pending.append(data)
         self.pending_bytes += len(data)
-        if not self._blocked and len(pending) >= self._flush_at:
-            self.flush()  # a burst: write now rather than hold it all until the turn ends
+        if not self._blocked:
+            if len(pending) >= self._flush_at or self.pending_bytes >= self._max_queue_bytes:
+                self.flush()  # a burst: write now rather than hold it all until the turn ends
+            # A client whose socket takes what it is given is never too slow, however much one
+            # turn of the loop sends it (a large replay frame, a large page of the tail).
         elif len(pending) > self._max_queue or self.pending_bytes > self._max_queue_bytes:
             # What it could not take is dropped: the log keeps it, the client resumes.
             self.overflowed = True

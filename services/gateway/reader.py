@@ -31,6 +31,7 @@ import structlog
 from schemas.events import Event, encode_event
 from schemas.state import JobState
 from schemas.wire import Replay, replay_frame
+from services.common.db import DATABASE_ERRORS
 from services.common.eventlog import event_from_row
 from services.common.queries import QUERIES
 
@@ -201,9 +202,7 @@ class Reader:
         except Exception as exc:
             # Whatever went wrong (the database, a row this version cannot read), it fails
             # this round's askers, who reconnect and resume; the reader goes on.
-            if not isinstance(
-                exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-            ):
+            if not isinstance(exc, DATABASE_ERRORS):  # a restart's driver errors included
                 log.exception("a replay read failed")
             failure = ReaderError(f"reading the log failed: {type(exc).__name__}")
             for future in current.futures():

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import asyncpg
 import structlog
 
 from schemas.events import Event
+from services.common.db import DATABASE_ERRORS
 from services.common.eventlog import EventLog
 from services.common.listener import Listener
 from services.common.notifier import CHANNEL
 from services.common.timing import wait_event
 
 log = structlog.get_logger(__name__)
+
+RETRY_MIN = 0.1
+"""Seconds before the first retry of a failed read; later ones wait twice as long, up to the
+poll interval. A read that failed is tried again soon, without waiting for a NOTIFY."""
 
 
 class Tailer:
@@ -67,13 +71,22 @@ class Tailer:
         self._wake.set()
 
     async def _read_loop(self) -> None:
+        retry = 0.0  # after a failed read: seconds until the next try (doubling)
         while True:
-            await wait_event(self._wake, self._poll_interval)
+            await wait_event(self._wake, retry or self._poll_interval)
             self._wake.clear()
             try:
                 await self._drain()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("reading the log failed; retrying", error=repr(exc))
+            except Exception as exc:
+                # No failure of a read may end the tail: the process would stay up and deliver
+                # nothing more (a bug in a sink included: it is logged with its traceback).
+                retry = min(max(retry * 2, RETRY_MIN), self._poll_interval)
+                if isinstance(exc, DATABASE_ERRORS):
+                    log.warning("reading the log failed; retrying", error=repr(exc), retry_in=retry)
+                else:
+                    log.exception("reading the log failed; retrying", retry_in=retry)
+            else:
+                retry = 0.0
 
     async def _drain(self) -> None:
         while True:

@@ -42,8 +42,9 @@ def free_port() -> int:
 @asynccontextmanager
 async def process(
     module: str, env: dict[str, str], ready_url: str, output: Path
-) -> AsyncIterator[None]:
-    """Run `python -m module` until the block ends (SIGTERM, then SIGKILL after 15 s)."""
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run `python -m module` until the block ends (SIGTERM, then SIGKILL after 15 s); the block
+    gets the child process (a test may kill it itself)."""
     with output.open("wb") as sink:
         child = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -70,7 +71,7 @@ async def process(
                     return False
 
             await wait_for(ready, timeout=30, interval=0.05)
-        yield
+        yield child
     finally:
         if child.returncode is None:
             child.send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ import pytest
 import websockets
 
 from services.common.eventlog import EventLog
+from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
 from tests.export.test_replicas import free_port, process
 from tests.gateway.conftest import SECRET, connect, receive_until, token
@@ -72,3 +73,28 @@ async def test_log_lines_of_a_connection_carry_its_id(database_url: str, tmp_pat
     (read,) = reads()
     assert len(read["connection_id"]) == 16
     assert read["user"] == "alice"
+
+
+async def test_a_client_that_keeps_up_is_never_too_slow(
+    database_url: str, eventlog: EventLog
+) -> None:
+    """One turn of the loop may send a client more than GATEWAY_MAX_QUEUE_BYTES (a replay frame
+    of a page of events); a client whose socket takes it is not closed as too slow."""
+    config = GatewayConfig(
+        database_url=database_url, port=0, jwt_secret=SECRET, max_queue_bytes=4096, page_size=200
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        job_id = await new_job(eventlog)
+        await eventlog.append(job_id, 2, [progress(float(i)) for i in range(1, 101)])
+        ws = await connect(gateway)
+        try:
+            await ws.send(json.dumps({"type": "subscribe", "jobId": str(job_id), "afterSeq": 0}))
+            seen = await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+        finally:
+            await ws.close()
+        assert [m["seq"] for m in seen if "eventId" in m] == list(range(1, 103))
+        assert sample(gateway, "gateway_slow_clients_closed_total") == 0.0
+    finally:
+        await gateway.close()
