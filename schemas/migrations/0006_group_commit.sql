@@ -150,6 +150,29 @@ LANGUAGE plpgsql
 -- batch size: the batch's rows meet each other by array subscript or hash, never in a loop.
 SET plan_cache_mode = force_generic_plan
 AS $$
+DECLARE
+    -- One entry per append (by append number): the verdict, worked out before the append lock.
+    v_outcome  text[];
+    v_ok       boolean[];
+    v_mismatch boolean[];
+    v_expires  boolean[];
+    v_jseq     integer[];
+    v_prev     bytea[];
+    v_project  text[];
+    v_owner    text[];
+    -- One entry per event to insert, in insert order: the rows with their hash chain.
+    c_no       integer[];
+    c_job      uuid[];
+    c_seq      integer[];
+    c_id       uuid[];
+    c_type     text[];
+    c_data     text[];
+    c_actor    text[];
+    c_occurred timestamptz[];
+    c_project  text[];
+    c_owner    text[];
+    c_prev     bytea[];
+    c_hash     bytea[];
 BEGIN
     IF cardinality(a_job_ids) IS DISTINCT FROM
        (SELECT count(DISTINCT j) FROM unnest(a_job_ids) AS j) THEN
@@ -169,31 +192,26 @@ BEGIN
     END IF;
     PERFORM 1 FROM jobs WHERE jobs.job_id = ANY (a_job_ids) ORDER BY jobs.job_id FOR UPDATE;
 
-    -- The rows are locked: this statement's snapshot sees every append committed before ours.
-    RETURN QUERY
-    WITH RECURSIVE
-    ev AS (
-        SELECT e.no, e.id, e.type, e.data, e.actor, e.occurred,
-               row_number() OVER (PARTITION BY e.no ORDER BY e.idx)::integer AS k
-          FROM unnest(e_appends, e_ids, e_types, e_data, e_actors, e_occurred)
-               WITH ORDINALITY AS e(no, id, type, data, actor, occurred, idx)
-    ),
-    flags AS (
-        SELECT ev.no,
-               bool_and(ev.type IN ('export:download-started', 'export:download-progress',
-                                    'export:download-completed', 'export:archive-expired'))
-                   AS all_post,
-               bool_or(ev.type IN ('export:download-started', 'export:download-progress',
+    -- The verdicts and the hash chain are worked out here, before the insert takes the append
+    -- lock (events_serialize_appends), which is held until commit: only the writing itself is
+    -- serialised, and a second batch can do this part while the first one writes. The rows are
+    -- locked: these statements' snapshots see every append committed before ours.
+    WITH flags AS (
+        SELECT e.no,
+               bool_and(e.type IN ('export:download-started', 'export:download-progress',
                                    'export:download-completed', 'export:archive-expired'))
+                   AS all_post,
+               bool_or(e.type IN ('export:download-started', 'export:download-progress',
+                                  'export:download-completed', 'export:archive-expired'))
                    AS any_post,
-               bool_or(ev.type = 'export:completed') AS completes,
-               bool_or(ev.type = 'export:archive-expired') AS expires
-          FROM ev GROUP BY ev.no
+               bool_or(e.type = 'export:completed') AS completes,
+               bool_or(e.type = 'export:archive-expired') AS expires
+          FROM unnest(e_appends, e_types) AS e(no, type)
+         GROUP BY e.no
     ),
-    -- One row per append: the job as locked, the hash its first event links to, the verdict.
     verdict AS (
-        SELECT x.no::integer AS no, x.job_id, x.expected, x.n, x.status, x.state, f.expires,
-               j.project_id AS j_project, j.owner_id AS j_owner, j.last_seq AS j_seq,
+        SELECT x.no::integer AS no, j.project_id AS j_project, j.owner_id AS j_owner,
+               j.last_seq AS j_seq, f.expires,
                coalesce((SELECT pe.hash FROM events pe
                           WHERE pe.job_id = x.job_id AND pe.seq = x.expected),
                         '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea)
@@ -206,41 +224,36 @@ BEGIN
                      OR (j.status = 'cancelling' AND f.completes) THEN 'closed'
                    ELSE 'ok'
                END AS outcome
-          FROM unnest(a_job_ids, a_expected, a_counts, a_statuses, a_states)
-               WITH ORDINALITY AS x(job_id, expected, n, status, state, no)
+          FROM unnest(a_job_ids, a_expected) WITH ORDINALITY AS x(job_id, expected, no)
           JOIN flags f ON f.no = x.no
           LEFT JOIN jobs j ON j.job_id = x.job_id
-    ),
-    -- The verdicts as arrays indexed by append number: the events below pick theirs by
-    -- subscript, which costs the same whatever the planner thinks of the batch's size.
-    by_no AS (
-        SELECT array_agg(v.outcome ORDER BY v.no) AS outcome,
-               array_agg(v.prev_hash ORDER BY v.no) AS prev_hash,
-               array_agg(v.j_project ORDER BY v.no) AS project_id,
-               array_agg(v.j_owner ORDER BY v.no) AS owner_id
-          FROM verdict v
-    ),
-    -- A retry of an append that was stored already is not a conflict: say where its events are.
-    -- (When the seq matches, its events cannot be stored yet.)
-    stored AS (
-        SELECT ev.no, count(*)::integer AS n_stored, max(x.seq) AS seq,
-               min(x.position) AS first_pos, max(x.position) AS last_pos
-          FROM ev
-         CROSS JOIN by_no
-          JOIN events x ON x.event_id = ev.id
-         WHERE by_no.outcome[ev.no] = 'mismatch'
-         GROUP BY ev.no
+    )
+    SELECT array_agg(v.outcome ORDER BY v.no), array_agg(v.outcome = 'ok' ORDER BY v.no),
+           array_agg(v.outcome = 'mismatch' ORDER BY v.no), array_agg(v.expires ORDER BY v.no),
+           array_agg(v.j_seq ORDER BY v.no), array_agg(v.prev_hash ORDER BY v.no),
+           array_agg(v.j_project ORDER BY v.no), array_agg(v.j_owner ORDER BY v.no)
+      INTO v_outcome, v_ok, v_mismatch, v_expires, v_jseq, v_prev, v_project, v_owner
+      FROM verdict v;
+
+    -- The chain of each accepted append: its first event links to the job's last hash, each
+    -- next one to the one before. (By subscript: the same cost whatever the planner thinks of
+    -- the batch's size.)
+    WITH RECURSIVE
+    ev AS (
+        SELECT e.no, e.id, e.type, e.data, e.actor, e.occurred,
+               row_number() OVER (PARTITION BY e.no ORDER BY e.idx)::integer AS k
+          FROM unnest(e_appends, e_ids, e_types, e_data, e_actors, e_occurred)
+               WITH ORDINALITY AS e(no, id, type, data, actor, occurred, idx)
     ),
     chain AS (
         SELECT ev.no, ev.k, a_job_ids[ev.no] AS job_id, a_expected[ev.no] + 1 AS seq, ev.id,
-               ev.type, ev.data, ev.actor, ev.occurred, by_no.project_id[ev.no] AS project_id,
-               by_no.owner_id[ev.no] AS owner_id, by_no.prev_hash[ev.no] AS prev_hash,
-               event_hash(by_no.prev_hash[ev.no], a_job_ids[ev.no], a_expected[ev.no] + 1,
-                          ev.id, ev.type, ev.actor, by_no.project_id[ev.no],
-                          by_no.owner_id[ev.no], ev.occurred, ev.data) AS hash
+               ev.type, ev.data, ev.actor, ev.occurred, v_project[ev.no] AS project_id,
+               v_owner[ev.no] AS owner_id, v_prev[ev.no] AS prev_hash,
+               event_hash(v_prev[ev.no], a_job_ids[ev.no], a_expected[ev.no] + 1, ev.id,
+                          ev.type, ev.actor, v_project[ev.no], v_owner[ev.no], ev.occurred,
+                          ev.data) AS hash
           FROM ev
-         CROSS JOIN by_no
-         WHERE ev.k = 1 AND by_no.outcome[ev.no] = 'ok'
+         WHERE ev.k = 1 AND v_ok[ev.no]
         UNION ALL
         SELECT ev.no, ev.k, c.job_id, c.seq + 1, ev.id, ev.type, ev.data, ev.actor,
                ev.occurred, c.project_id, c.owner_id, c.hash,
@@ -248,14 +261,36 @@ BEGIN
                           c.project_id, c.owner_id, ev.occurred, ev.data)
           FROM chain c
           JOIN ev ON ev.no = c.no AND ev.k = c.k + 1
+    )
+    SELECT array_agg(c.no ORDER BY c.no, c.k), array_agg(c.job_id ORDER BY c.no, c.k),
+           array_agg(c.seq ORDER BY c.no, c.k), array_agg(c.id ORDER BY c.no, c.k),
+           array_agg(c.type ORDER BY c.no, c.k), array_agg(c.data ORDER BY c.no, c.k),
+           array_agg(c.actor ORDER BY c.no, c.k), array_agg(c.occurred ORDER BY c.no, c.k),
+           array_agg(c.project_id ORDER BY c.no, c.k), array_agg(c.owner_id ORDER BY c.no, c.k),
+           array_agg(c.prev_hash ORDER BY c.no, c.k), array_agg(c.hash ORDER BY c.no, c.k)
+      INTO c_no, c_job, c_seq, c_id, c_type, c_data, c_actor, c_occurred, c_project, c_owner,
+           c_prev, c_hash
+      FROM chain c;
+
+    -- Under the append lock from here to commit: write the rows, the projection, the answer.
+    RETURN QUERY
+    WITH
+    verdict AS MATERIALIZED (
+        SELECT x.no::integer AS no, x.job_id, x.expected, x.n, x.status, x.state, x.outcome,
+               v_expires[x.no] AS expires, v_jseq[x.no] AS j_seq
+          FROM unnest(a_job_ids, a_expected, a_counts, a_statuses, a_states, v_outcome)
+               WITH ORDINALITY AS x(job_id, expected, n, status, state, outcome, no)
     ),
     inserted AS (
         INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id, owner_id,
                             occurred_at, prev_hash, hash)
-        SELECT c.job_id, c.seq, c.id, c.type, c.data::json, c.actor, c.project_id, c.owner_id,
-               c.occurred, c.prev_hash, c.hash
-          FROM chain c
-         ORDER BY c.no, c.k
+        SELECT r.job_id, r.seq, r.id, r.type, r.data::json, r.actor, r.project_id, r.owner_id,
+               r.occurred, r.prev_hash, r.hash
+          FROM unnest(c_job, c_seq, c_id, c_type, c_data, c_actor, c_occurred, c_project,
+                      c_owner, c_prev, c_hash)
+               WITH ORDINALITY AS r(job_id, seq, id, type, data, actor, occurred, project_id,
+                                    owner_id, prev_hash, hash, idx)
+         ORDER BY r.idx
         RETURNING events.job_id, events.position
     ),
     placed AS (
@@ -271,6 +306,16 @@ BEGIN
           JOIN verdict v ON v.job_id = pl.job_id
          WHERE jobs.job_id = pl.job_id
         RETURNING jobs.job_id
+    ),
+    -- A retry of an append that was stored already is not a conflict: say where its events are.
+    -- (When the seq matches, its events cannot be stored yet.)
+    stored AS (
+        SELECT e.no, count(*)::integer AS n_stored, max(x.seq) AS seq,
+               min(x.position) AS first_pos, max(x.position) AS last_pos
+          FROM unnest(e_appends, e_ids) AS e(no, id)
+          JOIN events x ON x.event_id = e.id
+         WHERE v_mismatch[e.no]
+         GROUP BY e.no
     ),
     -- At most one NOTIFY per call, and none when nothing was written.
     notified AS (
