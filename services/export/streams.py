@@ -34,6 +34,7 @@ from schemas.events import Event, encode_event
 from services.common.auth import Principal
 from services.common.eventlog import EventLog, event_from_row
 from services.common.queries import QUERIES
+from services.common.tailer import Tailer
 from services.common.timing import within
 from services.common.web import json_response
 from services.gateway.subscription import (
@@ -45,7 +46,6 @@ from services.gateway.subscription import (
     SendStreamSync,
     StreamSubscription,
 )
-from services.gateway.tailer import Tailer
 
 from .api import PRINCIPAL, PROJECT_ID
 from .keys import EVENTLOG, POOL, STREAMS

@@ -51,6 +51,7 @@ from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
 from services.common.queries import QUERIES
+from services.common.tailer import Tailer
 from services.common.timing import within
 
 from .clients import (
@@ -69,7 +70,6 @@ from .clients import (
 )
 from .config import GatewayConfig
 from .reader import Reader
-from .tailer import Tailer
 
 log = structlog.get_logger(__name__)
 

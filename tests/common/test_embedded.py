@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,18 @@ import pytest
 from services.common.embedded import EmbeddedPostgres, EmbeddedPostgresError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """A folder for the clusters, outside pytest's tmp_path: a pytest session starting on the
+    machine resets pytest's base folder to 0700, and a cluster that runs as the `postgres` user
+    under it would lose its files mid-test."""
+    path = Path(tempfile.mkdtemp(prefix="exportlog-embedded-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -82,9 +96,9 @@ async def _query(url: str, sql: str) -> list[asyncpg.Record]:
 
 
 async def test_data_survives_restart_and_port_is_reused(
-    tmp_path: Path, clusters: list[EmbeddedPostgres]
+    place: Path, clusters: list[EmbeddedPostgres]
 ) -> None:
-    data_dir = tmp_path / "db"
+    data_dir = place / "db"
     first = _new(clusters, data_dir)
     url = await asyncio.to_thread(first.start)
     assert url == f"postgresql://postgres@127.0.0.1:{_port(url)}/postgres"
@@ -105,15 +119,15 @@ async def test_data_survives_restart_and_port_is_reused(
     assert (data_dir / "server.json").exists()
 
 
-def test_start_and_stop_are_idempotent(tmp_path: Path, clusters: list[EmbeddedPostgres]) -> None:
-    pg = _new(clusters, tmp_path / "db")
+def test_start_and_stop_are_idempotent(place: Path, clusters: list[EmbeddedPostgres]) -> None:
+    pg = _new(clusters, place / "db")
     pg.stop()  # never started, not even initialised
     url = pg.start()
     pid = _postmaster_pid(pg.pgdata)
     assert pg.start() == url
     assert _postmaster_pid(pg.pgdata) == pid
     assert _postmasters(pg.pgdata) == [pid]
-    with EmbeddedPostgres(tmp_path / "db") as other:  # a second handle reuses the server
+    with EmbeddedPostgres(place / "db") as other:  # a second handle reuses the server
         assert other.url == url
     assert not pg.is_running()  # __exit__ stopped it
     pg.stop()
@@ -132,9 +146,9 @@ print("URL=" + pg.start(), flush=True)
 
 
 def test_concurrent_processes_share_one_server(
-    tmp_path: Path, clusters: list[EmbeddedPostgres]
+    place: Path, clusters: list[EmbeddedPostgres]
 ) -> None:
-    data_dir = tmp_path / "db"
+    data_dir = place / "db"
     pg = _new(clusters, data_dir)  # only for teardown
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     children = [
@@ -178,9 +192,9 @@ def test_concurrent_processes_share_one_server(
     assert pg.url == urls[0]
 
 
-async def test_restart_after_sigkill(tmp_path: Path, clusters: list[EmbeddedPostgres]) -> None:
+async def test_restart_after_sigkill(place: Path, clusters: list[EmbeddedPostgres]) -> None:
     # durable: with synchronous_commit=off a commit may still sit in WAL buffers when killed
-    pg = _new(clusters, tmp_path / "db", durable=True)
+    pg = _new(clusters, place / "db", durable=True)
     url = await asyncio.to_thread(pg.start)
     await _query(url, "CREATE TABLE t AS SELECT 42 AS answer")
     # A backend busy in a long query outlives its postmaster and pins the old shared memory.
@@ -220,10 +234,10 @@ async def test_restart_after_sigkill(tmp_path: Path, clusters: list[EmbeddedPost
 
 
 async def test_stale_pidfile_of_vanished_process(
-    tmp_path: Path, clusters: list[EmbeddedPostgres]
+    place: Path, clusters: list[EmbeddedPostgres]
 ) -> None:
     """A pid file naming a process that no longer exists is replaced by postgres itself."""
-    pg = _new(clusters, tmp_path / "db")
+    pg = _new(clusters, place / "db")
     await asyncio.to_thread(pg.start)
     pidfile = pg.pgdata / "postmaster.pid"
     saved = pidfile.read_text().splitlines()
@@ -241,8 +255,8 @@ async def test_stale_pidfile_of_vanished_process(
     assert _postmaster_pid(pg.pgdata) != gone.pid
 
 
-def test_invalid_settings_rejected(tmp_path: Path) -> None:
+def test_invalid_settings_rejected(place: Path) -> None:
     with pytest.raises(ValueError, match="managed"):
-        EmbeddedPostgres(tmp_path, settings={"port": "5432"})
+        EmbeddedPostgres(place, settings={"port": "5432"})
     with pytest.raises(ValueError, match="invalid"):
-        EmbeddedPostgres(tmp_path, settings={"work_mem; rm": "1"})
+        EmbeddedPostgres(place, settings={"work_mem; rm": "1"})

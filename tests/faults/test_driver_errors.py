@@ -24,7 +24,7 @@ from schemas.events import Event
 from services.common.eventlog import EventLog
 from services.common.listener import Listener
 from services.common.notifier import Notifier
-from services.gateway.tailer import Tailer
+from services.common.tailer import Tailer
 from tests.faults.stack import wait_until
 from tests.support import new_job
 

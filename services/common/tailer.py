@@ -1,4 +1,5 @@
-"""Following the log: one reader per gateway process, however many clients it serves.
+"""Following the log: one reader per process (the gateway's fan-out, the export service's
+Server-Sent Events hub), however many clients it serves.
 
 A LISTEN connection turns each append's NOTIFY into a wake-up; the notification carries nothing
 and is never trusted to arrive, so the reader also wakes on a poll timer and after every
