@@ -205,8 +205,20 @@ BEGIN
                                   'export:download-completed', 'export:archive-expired'))
                    AS any_post,
                bool_or(e.type = 'export:completed') AS completes,
-               bool_or(e.type = 'export:archive-expired') AS expires
-          FROM unnest(e_appends, e_types) AS e(no, type)
+               bool_or(e.type = 'export:archive-expired') AS expires,
+               -- The append's own events must follow each other as the log allows (nothing
+               -- after failed or cancelled; after completed, only the download phase): an
+               -- append that breaks this is refused alone here, instead of failing the
+               -- statement, and with it every other append of the batch.
+               bool_or(e.prev IN ('export:failed', 'export:cancelled')
+                       OR (e.prev IN ('export:completed', 'export:download-started',
+                                      'export:download-progress', 'export:download-completed',
+                                      'export:archive-expired'))
+                          <> (e.type IN ('export:download-started', 'export:download-progress',
+                                         'export:download-completed', 'export:archive-expired')))
+                   AS disordered
+          FROM (SELECT a.no, a.type, lag(a.type) OVER (PARTITION BY a.no ORDER BY a.idx) AS prev
+                  FROM unnest(e_appends, e_types) WITH ORDINALITY AS a(no, type, idx)) e
          GROUP BY e.no
     ),
     verdict AS (
@@ -221,7 +233,8 @@ BEGIN
                    WHEN j.status IN ('failed', 'cancelled')
                      OR (j.status = 'completed' AND NOT f.all_post)
                      OR (j.status <> 'completed' AND f.any_post)
-                     OR (j.status = 'cancelling' AND f.completes) THEN 'closed'
+                     OR (j.status = 'cancelling' AND f.completes)
+                     OR f.disordered THEN 'closed'
                    ELSE 'ok'
                END AS outcome
           FROM unnest(a_job_ids, a_expected) WITH ORDINALITY AS x(job_id, expected, no)

@@ -156,14 +156,21 @@ class AppendMetrics:
         )
         self._by_type: dict[str, Any] = {}
 
-    def appended(self, events: Sequence[NewEvent], seconds: float) -> None:
-        self.latency.observe(seconds)
-        for new in events:
-            kind = type_of(new.data)
-            child = self._by_type.get(kind)
-            if child is None:
-                child = self._by_type[kind] = self.events.labels(kind)
-            child.inc()
+    def count(
+        self, requests: Sequence[AppendRequest], results: Sequence[AppendResult | EventLogError]
+    ) -> None:
+        """Count what one `append_many` wrote and refused (every append goes through one)."""
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, EventLogError):
+                reason = "conflict" if isinstance(result, ConflictError) else "closed"
+                self.refused.labels(reason).inc()
+            elif not result.duplicate:
+                for new in request.events:
+                    kind = type_of(new.data)
+                    child = self._by_type.get(kind)
+                    if child is None:
+                        child = self._by_type[kind] = self.events.labels(kind)
+                    child.inc()
 
 
 class GroupCommit(msgspec.Struct, frozen=True, kw_only=True):
@@ -286,12 +293,9 @@ class EventLog:
         else:
             (result,) = await self.append_many([request], conn=conn)
         if isinstance(result, EventLogError):
-            if self._metrics is not None:
-                reason = "conflict" if isinstance(result, ConflictError) else "closed"
-                self._metrics.refused.labels(reason).inc()
             raise result
         if self._metrics is not None and not result.duplicate:
-            self._metrics.appended(events, time.perf_counter() - started)
+            self._metrics.latency.observe(time.perf_counter() - started)
         return result
 
     # -- group commit ----------------------------------------------------------------------
@@ -322,8 +326,18 @@ class EventLog:
             task.add_done_callback(self._flushes.discard)
 
     async def _flush(self, batch: list[_Waiting]) -> None:
+        requests = [request for request, _ in batch]
+        results: Sequence[AppendResult | EventLogError | asyncpg.PostgresError]
         try:
-            results = await self.append_many([request for request, _ in batch])
+            try:
+                results = await self.append_many(requests)
+            except asyncpg.PostgresError:
+                if len(requests) == 1:
+                    raise
+                # One append broke a rule that only the statement could see (an event id used
+                # before by another job, say) and the whole transaction rolled back: write the
+                # appends one at a time, so that it fails alone and the others commit.
+                results = [await self._alone(request) for request in requests]
         except BaseException as exc:
             for _, future in batch:
                 if not future.done():
@@ -339,11 +353,25 @@ class EventLog:
             if self._metrics is not None:
                 self._metrics.batch.observe(len(batch))
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, asyncpg.PostgresError):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
         finally:
             self._in_flight -= 1
             self._start_flushes()
+
+    async def _alone(
+        self, request: AppendRequest
+    ) -> AppendResult | EventLogError | asyncpg.PostgresError:
+        try:
+            (result,) = await self.append_many([request])
+        except asyncpg.PostgresError as exc:
+            failed: asyncpg.PostgresError = exc
+            return failed
+        return result
 
     async def aclose(self) -> None:
         """Wait for the group-commit transactions under way (new appends still start them)."""
@@ -380,6 +408,8 @@ class EventLog:
             committed = committed or row["result"] == "ok"
         if committed and remember and self._on_commit is not None:
             self._on_commit()
+        if self._metrics is not None:
+            self._metrics.count(requests, results)
         return results
 
     async def _append(

@@ -14,15 +14,19 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from schemas.chain import GENESIS_HASH, ChainLink, event_hash
 from schemas.state import replay
 from services.common.eventlog import (
+    AppendMetrics,
+    AppendRequest,
     AppendResult,
     ConflictError,
     EventLog,
     GroupCommit,
     JobClosedError,
+    NewEvent,
 )
 from services.common.queries import QUERIES
 from tests.support import cancelled, new_job, progress, queued, wait_for
@@ -293,3 +297,61 @@ async def test_lease_renewals_and_group_commits_never_deadlock(pool: asyncpg.Poo
 
     await asyncio.wait_for(asyncio.gather(appends(), renewals(), renewals()), 60)
     assert all(seq == 8 for seq in seqs.values())
+
+
+async def test_metrics_count_every_append_once_whichever_way_it_came(pool: asyncpg.Pool) -> None:
+    registry = CollectorRegistry()
+    log = EventLog(pool, group_commit=GroupCommit(), metrics=AppendMetrics(registry, "t"))
+    first, second = await _jobs(log, 2)  # 2 × (queued, started), through group commit
+    await log.append_many(
+        [
+            AppendRequest(job_id=first, expected_seq=2, events=[progress(1), progress(2)]),
+            AppendRequest(job_id=second, expected_seq=1, events=[progress(1)]),  # stale
+        ]
+    )
+    with pytest.raises(JobClosedError):
+        await log.append(second, 2, [cancelled(), progress(3)])
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    assert value("t_events_appended_total", type="export:queued") == 2
+    assert value("t_events_appended_total", type="export:started") == 2
+    assert value("t_events_appended_total", type="export:progress") == 2
+    assert value("t_appends_refused_total", reason="conflict") == 1
+    assert value("t_appends_refused_total", reason="closed") == 1
+    assert value("t_append_seconds_count") == 4
+
+
+async def test_an_append_the_statement_refuses_fails_alone(pool: asyncpg.Pool) -> None:
+    """An event id already used by another job breaks the batch's statement (its unique index):
+    the group's other appends are written all the same, and only that one fails."""
+    log = grouped(pool)
+    blocker, other, *good = await _jobs(log, 8)
+    (taken,) = await log.read_stream(other, after_seq=1)
+    reused = NewEvent(data=progress(5).data, actor="t", event_id=taken.event_id)
+    outcomes = await asyncio.gather(
+        log.append(blocker, 2, [progress(1)]),
+        *(log.append(job, 2, [progress(1)]) for job in good),
+        log.append(good[0], 3, [reused]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[-1], asyncpg.UniqueViolationError)
+    assert all(isinstance(r, AppendResult) for r in outcomes[:-1])
+    for job in good:
+        assert [e.seq for e in await log.read_stream(job)] == [1, 2, 3]
+
+
+async def test_events_out_of_order_within_one_append_are_refused_alone(pool: asyncpg.Pool) -> None:
+    log = grouped(pool)
+    blocker, job, other = await _jobs(log, 3)
+    outcomes = await asyncio.gather(
+        log.append(blocker, 2, [progress(1)]),
+        log.append(job, 2, [cancelled(), progress(3)]),
+        log.append(other, 2, [progress(1)]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], JobClosedError)
+    assert isinstance(outcomes[0], AppendResult)
+    assert isinstance(outcomes[2], AppendResult)
+    assert [e.seq for e in await log.read_stream(job)] == [1, 2]
