@@ -95,7 +95,7 @@ class Settings:
     """Jobs of the group-commit goal (issue 8): 1,000 jobs, 20,000 events/s, p99 < 20 ms."""
     group_rate: float = 20_000.0
     group_max_batch: int = 500
-    group_in_flight: int = 2
+    group_in_flight: int = 4
     group_seconds: float = 5.0
     group_lower_rates: tuple[float, ...] = (15_000.0, 10_000.0, 7_500.0, 5_000.0)
     """Offered rates tried below the goal's: the highest one kept with p99 < 20 ms is what the

@@ -55,23 +55,74 @@ class ChainLink(msgspec.Struct, frozen=True, kw_only=True):
 
 def event_hash(prev_hash: bytes, link: ChainLink) -> bytes:
     """SHA-256 of the previous hash followed by the event's length-prefixed fields."""
-    digest = hashlib.sha256(prev_hash)
-    digest.update(
+    return chain_hash(
+        prev_hash,
+        link.job_id,
+        link.seq,
+        link.event_id,
+        link.type,
+        link.actor,
+        link.project_id,
+        link.owner_id,
+        link.occurred_at,
+        link.data,
+    )
+
+
+def chain_hash(
+    prev_hash: bytes,
+    job_id: UUID,
+    seq: int,
+    event_id: UUID,
+    type: str,
+    actor: str,
+    project_id: str,
+    owner_id: str,
+    occurred_at: datetime,
+    data: str,
+) -> bytes:
+    """The hash of an event from its fields, as `event_hash` (for a writer that chains the
+    events it appends before they are stored). A naive `occurred_at` is local time, as the
+    database driver takes it. Written for speed: one formatting of the whole input."""
+    if occurred_at.tzinfo is None:
+        occurred_at = occurred_at.astimezone(UTC)
+    since = occurred_at - _EPOCH
+    micros = b"%d" % ((since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds)
+    number = b"%d" % seq
+    kind, who, project, owner, text = (
+        type.encode(),
+        actor.encode(),
+        project_id.encode(),
+        owner_id.encode(),
+        data.encode(),
+    )
+    # A UUID's text is always 36 characters.
+    return hashlib.sha256(
         b"".join(
             (
-                _field(str(link.job_id)),
-                _field(str(link.seq)),
-                _field(str(link.event_id)),
-                _field(link.type),
-                _field(link.actor),
-                _field(link.project_id),
-                _field(link.owner_id),
-                _field(str(epoch_micros(link.occurred_at))),
-                _field(link.data),
+                prev_hash,
+                b"36:",
+                str(job_id).encode(),
+                b",%d:" % len(number),
+                number,
+                b",36:",
+                str(event_id).encode(),
+                b",%d:" % len(kind),
+                kind,
+                b",%d:" % len(who),
+                who,
+                b",%d:" % len(project),
+                project,
+                b",%d:" % len(owner),
+                owner,
+                b",%d:" % len(micros),
+                micros,
+                b",%d:" % len(text),
+                text,
+                b",",
             )
         )
-    )
-    return digest.digest()
+    ).digest()
 
 
 class BrokenLink(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

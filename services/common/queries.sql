@@ -6,7 +6,16 @@
 SELECT append_no, result, current_seq, first_position, last_position
   FROM append_events($1::uuid[], $2::integer[], $3::integer[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::integer[], $9::uuid[], $10::text[], $11::text[],
-                     $12::text[], $13::timestamptz[], $14::boolean);
+                     $12::text[], $13::timestamptz[], $14::integer[], $15::bytea[], $16::bytea[],
+                     $17::boolean);
+
+-- name: append_head
+-- What a writer needs to append to a job: where its stream ends, its folded state there, its
+-- owner, and the hash of its last event (by the (job_id, seq) key: one index probe).
+SELECT j.last_seq, j.owner_id, j.state, e.hash
+  FROM jobs j
+  LEFT JOIN events e ON e.job_id = j.job_id AND e.seq = j.last_seq
+ WHERE j.job_id = $1;
 
 -- name: job_head
 -- The projection row of one job: where its stream ends and its folded state there.

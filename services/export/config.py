@@ -30,7 +30,7 @@ class ExportConfig:
         },
     )
     append_in_flight: int = field(
-        default=2, metadata={"help": "group commit: append transactions under way at once"}
+        default=4, metadata={"help": "group commit: append transactions under way at once"}
     )
     metrics_interval: float = field(
         default=5.0,

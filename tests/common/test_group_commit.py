@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -170,10 +171,11 @@ async def test_the_database_refuses_one_job_twice_in_one_call(pool: asyncpg.Pool
         with pytest.raises(asyncpg.PostgresError) as info:
             await conn.fetch(
                 "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                " $13)",
+                " $13, $14, $15, $16)",
                 [job, job], [2, 3], [1, 1], ["", ""], ["", ""], ["running", "running"],
                 ["{}", "{}"], [1, 2], [uuid.uuid4(), uuid.uuid4()],
                 ["export:progress"] * 2, ["{}"] * 2, ["t"] * 2, [datetime.now(UTC)] * 2,
+                [3, 4], [None, None], [None, None],
             )  # fmt: skip
     assert info.value.sqlstate == "22023"
 
@@ -355,3 +357,79 @@ async def test_events_out_of_order_within_one_append_are_refused_alone(pool: asy
     assert isinstance(outcomes[0], AppendResult)
     assert isinstance(outcomes[2], AppendResult)
     assert [e.seq for e in await log.read_stream(job)] == [1, 2]
+
+
+# -- the writer chains, the database checks (migration 0007) -----------------------------------
+
+
+async def _arguments(log: EventLog, conn: asyncpg.Connection, request: AppendRequest) -> list[Any]:
+    """The arguments the writer would send to `append_events` for one append."""
+    return log._arguments(await log._prepare(conn, [request]))
+
+
+_HASHES = 15
+_PREVS = 14
+_STATUSES = 5
+
+
+async def test_the_writer_chains_what_the_database_would(pool: asyncpg.Pool) -> None:
+    """Hashes the writer computes are the ones the database recomputes, whatever the text (not
+    ASCII, empty) or the clock (a naive datetime is local time, as the driver sends it); a
+    writer that knows nothing of the job (another process) reads its head first."""
+    log = EventLog(pool)
+    job = await new_job(log, project="prøject", owner="zoë")
+    naive = NewEvent(data=progress(0.5).data, actor="wörker:1", occurred_at=datetime.now())
+    await log.append(job, 2, [naive, progress(0.6), progress(0.7)])
+    stranger = EventLog(pool)
+    await stranger.append(job, 5, [NewEvent(data=progress(0.8).data, actor="")])
+    assert (await log.verify(job)).ok
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(QUERIES["chain_links"], job)
+    prev = GENESIS_HASH
+    for row in rows:
+        link = ChainLink(**{k: row[k] for k in ChainLink.__struct_fields__ if k in row})
+        assert link.prev_hash == prev
+        assert link.hash == event_hash(prev, link)
+        prev = link.hash
+
+
+@pytest.mark.parametrize("spoil", [_HASHES, _PREVS])
+async def test_a_hash_the_writer_got_wrong_is_refused(pool: asyncpg.Pool, spoil: int) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    request = AppendRequest(job_id=job, expected_seq=2, events=[progress(0.5)])
+    async with pool.acquire() as conn:
+        arguments = await _arguments(log, conn, request)
+        arguments[spoil] = [bytes(32)]
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.fetch(QUERIES["append_events"], *arguments)
+    assert info.value.sqlstate == "EL005"
+    assert [e.seq for e in await log.read_stream(job)] == [1, 2]
+
+
+async def test_rows_without_a_hash_are_chained_by_the_database(pool: asyncpg.Pool) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    request = AppendRequest(job_id=job, expected_seq=2, events=[progress(0.5), progress(0.6)])
+    async with pool.acquire() as conn:
+        arguments = await _arguments(log, conn, request)
+        arguments[_PREVS] = arguments[_HASHES] = [None, None]
+        (row,) = await conn.fetch(QUERIES["append_events"], *arguments)
+    assert (row["result"], row["current_seq"]) == ("ok", 4)
+    assert (await log.verify(job)).ok
+
+
+async def test_an_append_the_writer_could_not_fold_is_never_accepted(pool: asyncpg.Pool) -> None:
+    """A writer that does not know the job at the expected seq sends no state ('' status): even
+    if the job has reached that seq meanwhile, the database answers conflict rather than write
+    a projection from nothing."""
+    log = EventLog(pool)
+    job = await new_job(log)
+    request = AppendRequest(job_id=job, expected_seq=2, events=[progress(0.5)])
+    async with pool.acquire() as conn:
+        arguments = await _arguments(log, conn, request)
+        arguments[_STATUSES] = [""]
+        (row,) = await conn.fetch(QUERIES["append_events"], *arguments)
+    assert (row["result"], row["current_seq"]) == ("conflict", 2)
+    assert [e.seq for e in await log.read_stream(job)] == [1, 2]
+    assert (await log.job_state(job)) == replay(await log.read_stream(job))
