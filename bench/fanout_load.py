@@ -1,10 +1,13 @@
 """The load client of the fan-out benchmark, in a process of its own.
 
 ``python -m bench.fanout_load`` prints ``{"pid": …}`` and answers requests on stdin (see
-`bench.control`). It holds groups of WebSocket connections (websockets' asyncio client on uvloop,
-no compression, no pings of its own) to the gateway or to the raw server, and one task per
-connection that counts what arrives, cheaply: a live event is a frame that starts with
-``{"jobId":`` (an event envelope); nothing else is parsed unless receive times are recorded.
+`bench.control`). It holds groups of WebSocket connections to the gateway or to the raw server
+and counts what arrives. The client must cost next to nothing, or its own queueing would be what
+the latencies measure: each connection is a lean RFC 6455 client written on `asyncio.Protocol`
+(uvloop; `Connection`, with `bench.wsclient`), no compression, no pings of its own, no task or
+future per frame. A live event is a frame that starts with ``{"jobId":`` (an event envelope),
+counted where the bytes arrive (`Connection.data_received`); nothing else is parsed unless
+receive times are recorded.
 
 Requests:
 
@@ -21,6 +24,9 @@ Requests:
     record  on=true: from now keep (job index, seq, receive time) of every live event;
             on=false: stop and answer them
     close   group: close its connections (concurrently)
+
+`Load` is the same request API over websockets' asyncio client, with `_handshake` and `_pump` as
+hooks: `bench.socketio_load` speaks Engine.IO through it.
 """
 
 from __future__ import annotations
@@ -32,23 +38,38 @@ import os
 import random
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from . import wsclient
 from .control import raise_open_files, run_loop, serve
+from .wsclient import (
+    ConnectionClosedError,
+    InvalidMessage,
+    ProtocolError,
+    WebSocketError,
+)
 
 EVENT = b'{"jobId":'
 REPLAY = b'{"type":"export:replay"'
 CAUGHT_UP = b'{"type":"export:caught-up"'
+ERROR = b'{"type":"error"'
 SUBSCRIBED = b'{"type":"subscribed"}'
 EVENT_ID = b'"eventId"'
 _OPEN_FILES = 65536
-# Frames a connection buffers before websockets pauses reading: more than the default 16, so a
-# fast stream is not paused and resumed every few frames (a cost of the client, not the server).
+# Frames a websockets connection buffers before it pauses reading (`Load` only): more than the
+# default 16, so a fast stream is not paused and resumed every few frames.
 _MAX_QUEUE = 1024
+_OPEN_SECONDS = 30.0
+"""Time to connect and complete the WebSocket handshake (websockets' open_timeout, as before)."""
+_CLOSE_SECONDS = 2.0
+"""How long closing a group waits for the servers to close, before aborting what remains."""
+_MAX_HEAD = 1 << 16
+_COMPACT = 1 << 16
+"""Bytes consumed at the front of a connection's buffer before they are dropped."""
 
 _encoder = msgspec.json.Encoder()
 
@@ -72,71 +93,42 @@ class Refused(Exception):
     """The server answered, but not what a client of the protocol waits for."""
 
 
-class Client:
-    __slots__ = ("closing", "job", "task", "ws")
+_ERRORS = (OSError, TimeoutError, websockets.WebSocketException, WebSocketError, Refused)
+"""What a failed client is counted by (type name) in `open`'s errors, and retried after."""
 
-    def __init__(self, ws: ClientConnection, job: int) -> None:
-        self.ws = ws
-        self.job = job
-        self.closing = False
-        self.task: asyncio.Task[None] | None = None
+C = TypeVar("C")
 
 
-class Load:
+class Requests(Generic[C]):
+    """The request API over connections of type C: what opening, counting and closing do,
+    whatever the connection layer (`_connect`, `_close`)."""
+
     def __init__(self) -> None:
-        self.groups: dict[str, list[Client]] = {}
+        self.groups: dict[str, list[C]] = {}
         self.events = 0
         self.other = 0
         self.recording: list[tuple[int, int, float]] | None = None
         self.dropped: Counter[str] = Counter()
         """Connections the server closed while they were listening, by close code."""
-        self._target = math.inf
+        self._target: float = math.inf
         self._reached = asyncio.Event()
 
-    # -- opening ---------------------------------------------------------------------------
+    async def _connect(
+        self,
+        url: str,
+        kind: str,
+        job: int,
+        job_id: str,
+        token: str | None,
+        after_seq: int | None,
+    ) -> tuple[C, float, float, int, int | None]:
+        """One client, connected, subscribed to `job_id` and caught up, listening. Returns it,
+        when its WebSocket handshake completed, when it was ready (perf_counter), the events
+        replayed to it and its caught-up seq."""
+        raise NotImplementedError
 
-    async def _handshake(
-        self, url: str, kind: str, job: str, token: str | None, after_seq: int | None
-    ) -> tuple[ClientConnection, float, int, int | None]:
-        """One client: connected, subscribed and caught up. Returns the connection, when its
-        WebSocket handshake completed, the events replayed to it and its caught-up seq."""
-        ws = await connect(
-            url,
-            compression=None,
-            ping_interval=None,
-            max_queue=_MAX_QUEUE,
-            proxy=None,
-            open_timeout=30,
-            close_timeout=10,
-        )
-        opened = time.perf_counter()
-        try:
-            if kind == "raw":
-                await ws.send(_encoder.encode({"type": "subscribe", "jobId": job}), text=True)
-                if await ws.recv(decode=False) != SUBSCRIBED:
-                    raise Refused("the raw server did not confirm the room")
-                return ws, opened, 0, None
-            await ws.send(_encoder.encode({"type": "auth", "token": token}), text=True)
-            answer = _control.decode(await ws.recv(decode=False))
-            if answer.type != "authenticated":
-                raise Refused(f"auth answered {answer.type}: {answer.message}")
-            subscribe: dict[str, Any] = {"type": "subscribe", "jobId": job}
-            if after_seq is not None:
-                subscribe["afterSeq"] = after_seq
-            await ws.send(_encoder.encode(subscribe), text=True)
-            replayed = 0
-            while True:
-                message = await ws.recv(decode=False)
-                if message.startswith(REPLAY):
-                    replayed += message.count(EVENT_ID)
-                elif message.startswith(CAUGHT_UP):
-                    return ws, opened, replayed, _control.decode(message).seq
-                elif message.startswith(b'{"type":"error"'):
-                    error = _control.decode(message)
-                    raise Refused(f"{error.code}: {error.message}")
-        except BaseException:
-            ws.transport.abort()
-            raise
+    async def _close(self, clients: list[C]) -> None:
+        raise NotImplementedError
 
     async def open(
         self,
@@ -169,10 +161,10 @@ class Load:
                     async with gate if gate is not None else contextlib.nullcontext():
                         remaining = deadline - (time.perf_counter() - started)
                         async with asyncio.timeout(max(remaining, 0.001)):
-                            ws, opened, events, seq = await self._handshake(
-                                url, kind, jobs[job], token, after_seq
+                            client, opened, at, events, seq = await self._connect(
+                                url, kind, job, jobs[job], token, after_seq
                             )
-                except (OSError, TimeoutError, websockets.WebSocketException, Refused) as exc:
+                except _ERRORS as exc:
                     errors[type(exc).__name__] += 1
                     if not retry or time.perf_counter() - started >= deadline:
                         return
@@ -180,17 +172,14 @@ class Load:
                     await asyncio.sleep(0.1 + 0.4 * random.random())
                     continue
                 break
-            now = time.perf_counter()
             handshakes.append(opened - started)
-            ready.append(now - started)
+            ready.append(at - started)
             replayed += events
             if seq is not None:
                 seqs.append(seq)
                 # Caught up at `seq` after `after_seq`: every seq in between must have come.
                 if events < seq - (after_seq or seq):
                     short += 1
-            client = Client(ws, job)
-            client.task = asyncio.create_task(self._pump(client))
             clients.append(client)
 
         await asyncio.gather(*(one(i) for i in range(count)))
@@ -207,27 +196,6 @@ class Load:
             "short": short,
             "caught_up_seq": [min(seqs), max(seqs)] if seqs else None,
         }
-
-    # -- listening -------------------------------------------------------------------------
-
-    async def _pump(self, client: Client) -> None:
-        recv = client.ws.recv
-        try:
-            while True:
-                message = await recv(decode=False)
-                if message.startswith(EVENT):
-                    self.events += 1
-                    if self.events >= self._target:
-                        self._reached.set()
-                    if self.recording is not None:
-                        received = time.time()
-                        self.recording.append((client.job, _seq.decode(message).seq, received))
-                else:
-                    self.other += 1
-        except websockets.ConnectionClosed as closed:
-            if not client.closing:
-                code = closed.rcvd.code if closed.rcvd is not None else "none"
-                self.dropped[str(code)] += 1
 
     async def count(self) -> dict[str, Any]:
         return {
@@ -261,6 +229,498 @@ class Load:
 
     async def close(self, group: str) -> dict[str, Any]:
         clients = self.groups.pop(group, [])
+        started = time.perf_counter()
+        await self._close(clients)
+        return {"closed": len(clients), "seconds": time.perf_counter() - started}
+
+    async def close_all(self) -> None:
+        for group in list(self.groups):
+            await self.close(group)
+
+
+# --------------------------------------------------------------------------- the lean client
+
+# Where a connection is: waiting for the 101, then (gateway) for `authenticated` and for
+# `export:caught-up`, or (raw) for `subscribed`; then listening, until closed.
+_HTTP, _AUTH, _CATCHING_UP, _SUBSCRIBING, _LISTENING, _CLOSED = range(6)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection of `FrameLoad`: the handshake, then counting frames."""
+
+    __slots__ = (
+        "buf",
+        "close_sent",
+        "closing",
+        "first",
+        "fragments",
+        "job",
+        "key",
+        "kind",
+        "load",
+        "lost",
+        "opened",
+        "pos",
+        "ready",
+        "ready_at",
+        "replayed",
+        "request",
+        "seq",
+        "state",
+        "subscribe",
+        "transport",
+        "upgraded",
+    )
+
+    def __init__(
+        self,
+        load: FrameLoad,
+        request: bytes,
+        key: bytes,
+        job: int,
+        first: bytes,
+        subscribe: bytes | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.load = load
+        self.request: bytes | None = request
+        self.key = key
+        self.job = job
+        self.first = first
+        """The message sent on upgrade: the auth (gateway), or the subscribe (raw)."""
+        self.subscribe = subscribe
+        """The gateway's subscribe, sent once authenticated."""
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pos = 0
+        """Where the unparsed bytes of `buf` start."""
+        self.state = _HTTP
+        self.fragments: bytearray | None = None
+        """The message being reassembled from continuation frames."""
+        self.closing = False
+        """Closed on our side: the server's close is not a drop."""
+        self.close_sent = False
+        self.opened = 0.0
+        self.ready_at = 0.0
+        self.replayed = 0
+        self.seq: int | None = None
+        self.upgraded: asyncio.Future[None] = loop.create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    # -- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.request is not None:
+            self.transport.write(self.request)
+            self.request = None
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        buf = self.buf
+        view: bytes | bytearray
+        if state == _LISTENING and not buf:
+            # The usual case: whole frames, parsed where uvloop put them.
+            view, pos = data, 0
+        elif state == _CLOSED:
+            return
+        else:
+            buf += data
+            view, pos = buf, self.pos
+            if state == _HTTP:
+                if not self._upgrade():
+                    return
+                pos = self.pos
+        end = len(view)
+        load = self.load
+        recording = load.recording
+        received = 0.0
+        events = other = 0
+        plain = self.state == _LISTENING and self.fragments is None
+        while True:
+            left = end - pos
+            if left < 2:
+                break
+            head = view[pos]
+            size = view[pos + 1]
+            if size < 126:
+                start = pos + 2
+            elif size == 126:
+                if left < 4:
+                    break
+                size = view[pos + 2] << 8 | view[pos + 3]
+                start = pos + 4
+            elif size == 127:
+                if left < 10:
+                    break
+                size = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            else:
+                self._violation("masked frame from the server")
+                break
+            stop = start + size
+            if stop > end:
+                break
+            if plain and (head == 0x81 or head == 0x82):
+                if view.startswith(EVENT, start, stop):
+                    events += 1
+                    if recording is not None:
+                        if not received:
+                            received = time.time()
+                        seq = _seq.decode(view[start:stop]).seq
+                        recording.append((self.job, seq, received))
+                else:
+                    other += 1
+            else:
+                self._frame(head, view[start:stop])
+                if self.state == _CLOSED:
+                    break
+                plain = self.state == _LISTENING and self.fragments is None
+            pos = stop
+        if events:
+            load.events += events
+            if load.events >= load._target:
+                load._reached.set()
+        if other:
+            load.other += other
+        if self.state == _CLOSED:
+            buf.clear()
+        elif view is buf:
+            if pos >= end:
+                buf.clear()
+                self.pos = 0
+            elif pos > _COMPACT:
+                del buf[:pos]
+                self.pos = 0
+            else:
+                self.pos = pos
+        elif pos < end:
+            buf += memoryview(data)[pos:]
+            self.pos = 0
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        if state == _HTTP:
+            self._fail(exc or InvalidMessage("connection closed before the upgrade response"))
+        elif state < _LISTENING:
+            self._fail(exc or ConnectionClosedError("closed by the server during the handshake"))
+        elif state == _LISTENING and not self.closing:
+            self.load.dropped["none"] += 1
+        self.state = _CLOSED
+        self.transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # -- frames and messages (not the per-frame path of live events) -----------------------
+
+    def _upgrade(self) -> bool:
+        """Parse the server's answer to the upgrade request once whole: True when the
+        connection is open (the unparsed bytes of `buf` start at `pos`)."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._fail(InvalidMessage("response head too long"))
+            return False
+        try:
+            wsclient.check_upgrade(bytes(buf[:end]), self.key)
+        except WebSocketError as exc:
+            self._fail(exc)
+            return False
+        self.opened = time.perf_counter()
+        self.pos = end + 4
+        self.state = _AUTH if self.subscribe is not None else _SUBSCRIBING
+        self._send(wsclient.TEXT, self.first)
+        if not self.upgraded.done():
+            self.upgraded.set_result(None)
+        return True
+
+    def _frame(self, head: int, payload: bytes | bytearray) -> None:
+        """A frame other than a whole text or binary message while listening."""
+        if head & 0x70:
+            self._violation("reserved bits set without an extension")
+            return
+        opcode = head & 0x0F
+        final = head & 0x80
+        if opcode >= 0x8:
+            if not final or len(payload) > 125:
+                self._violation("fragmented or long control frame")
+            elif opcode == wsclient.PING:
+                self._send(wsclient.PONG, bytes(payload))
+            elif opcode == wsclient.CLOSE:
+                self._closed_by_server(payload)
+            elif opcode != wsclient.PONG:
+                self._violation(f"unknown opcode {opcode}")
+            return
+        if opcode == wsclient.CONTINUATION:
+            if self.fragments is None:
+                self._violation("continuation frame without a message")
+                return
+            self.fragments += payload
+            if final:
+                payload, self.fragments = self.fragments, None
+                self._message(payload)
+        elif opcode == wsclient.TEXT or opcode == wsclient.BINARY:
+            if self.fragments is not None:
+                self._violation("new message inside a fragmented one")
+            elif final:
+                self._message(payload)
+            else:
+                self.fragments = bytearray(payload)
+        else:
+            self._violation(f"unknown opcode {opcode}")
+
+    def _message(self, message: bytes | bytearray) -> None:
+        state = self.state
+        load = self.load
+        if state == _LISTENING:
+            if message.startswith(EVENT):
+                load.events += 1
+                if load.events >= load._target:
+                    load._reached.set()
+                if load.recording is not None:
+                    load.recording.append((self.job, _seq.decode(message).seq, time.time()))
+            else:
+                load.other += 1
+            return
+        try:
+            if state == _CATCHING_UP:
+                if message.startswith(REPLAY):
+                    self.replayed += message.count(EVENT_ID)
+                elif message.startswith(CAUGHT_UP):
+                    self.seq = _control.decode(message).seq
+                    self._ready()
+                elif message.startswith(ERROR):
+                    error = _control.decode(message)
+                    self._fail(Refused(f"{error.code}: {error.message}"))
+            elif state == _AUTH:
+                answer = _control.decode(message)
+                if answer.type != "authenticated":
+                    self._fail(Refused(f"auth answered {answer.type}: {answer.message}"))
+                elif self.subscribe is not None:
+                    self._send(wsclient.TEXT, self.subscribe)
+                    self.state = _CATCHING_UP
+            elif state == _SUBSCRIBING:
+                if message == SUBSCRIBED:
+                    self._ready()
+                else:
+                    self._fail(Refused("the raw server did not confirm the room"))
+        except msgspec.DecodeError as exc:
+            self._fail(Refused(f"unexpected answer {bytes(message[:80])!r}: {exc}"))
+
+    def _ready(self) -> None:
+        self.ready_at = time.perf_counter()
+        self.state = _LISTENING
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _closed_by_server(self, payload: bytes | bytearray) -> None:
+        try:
+            code = wsclient.parse_close(payload)
+        except ProtocolError as exc:
+            self._violation(str(exc))
+            return
+        if self.state < _LISTENING:
+            self._fail(ConnectionClosedError(f"closed by the server: {code}"))
+            return
+        if not self.closing:
+            self.load.dropped[str(code)] += 1
+        if not self.close_sent:
+            self._send(wsclient.CLOSE, wsclient.close_payload(code))
+            self.close_sent = True
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _violation(self, what: str) -> None:
+        if self.state < _LISTENING:
+            self._fail(ProtocolError(what))
+            return
+        if self.state == _LISTENING and not self.closing:
+            self.load.dropped["protocol error"] += 1
+        self._send(wsclient.CLOSE, wsclient.close_payload(1002))
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wsclient.frame(opcode, payload))
+
+    def _fail(self, exc: BaseException) -> None:
+        """The handshake failed: the waiting `_connect` raises `exc`."""
+        for waiter in (self.upgraded, self.ready):
+            if not waiter.done():
+                waiter.set_exception(exc)
+                break
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- the load's side -------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Drop the connection now (nobody waits for it any longer)."""
+        for waiter in (self.upgraded, self.ready):
+            waiter.cancel()
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Start the closing handshake (code 1000); `lost` is done once the server closed."""
+        self.closing = True
+        if self.state == _CLOSED or self.transport is None:
+            return
+        if not self.close_sent:
+            self._send(wsclient.CLOSE, wsclient.close_payload(1000))
+            self.close_sent = True
+
+
+class FrameLoad(Requests[Connection]):
+    """The requests over lean connections (`Connection`): this module's load client."""
+
+    async def _connect(
+        self,
+        url: str,
+        kind: str,
+        job: int,
+        job_id: str,
+        token: str | None,
+        after_seq: int | None,
+    ) -> tuple[Connection, float, float, int, int | None]:
+        where = wsclient.target(url)
+        key = wsclient.new_key()
+        subscribe: dict[str, Any] = {"type": "subscribe", "jobId": job_id}
+        if kind == "raw":
+            first, then = _encoder.encode(subscribe), None
+        else:
+            if after_seq is not None:
+                subscribe["afterSeq"] = after_seq
+            first = _encoder.encode({"type": "auth", "token": token})
+            then = _encoder.encode(subscribe)
+        client = Connection(self, wsclient.upgrade_request(where, key), key, job, first, then)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(_OPEN_SECONDS):
+                await loop.create_connection(lambda: client, where.host, where.port)
+                await client.upgraded
+            await client.ready
+        except BaseException:
+            client.abort()
+            raise
+        return client, client.opened, client.ready_at, client.replayed, client.seq
+
+    async def _close(self, clients: list[Connection]) -> None:
+        for client in clients:
+            client.close()
+        pending = [client.lost for client in clients if not client.lost.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=_CLOSE_SECONDS)
+        for client in clients:
+            if not client.lost.done():
+                client.abort()
+
+
+# --------------------------------------------------------------------------- websockets' client
+
+
+class Client:
+    __slots__ = ("closing", "job", "task", "ws")
+
+    def __init__(self, ws: ClientConnection, job: int) -> None:
+        self.ws = ws
+        self.job = job
+        self.closing = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Load(Requests[Client]):
+    """The requests over websockets' asyncio client, a task per connection: `_handshake` and
+    `_pump` are the hooks of another protocol over WebSocket (`bench.socketio_load`)."""
+
+    async def _handshake(
+        self, url: str, kind: str, job: str, token: str | None, after_seq: int | None
+    ) -> tuple[ClientConnection, float, int, int | None]:
+        """One client: connected, subscribed and caught up. Returns the connection, when its
+        WebSocket handshake completed, the events replayed to it and its caught-up seq."""
+        ws = await connect(
+            url,
+            compression=None,
+            ping_interval=None,
+            max_queue=_MAX_QUEUE,
+            proxy=None,
+            open_timeout=_OPEN_SECONDS,
+            close_timeout=10,
+        )
+        opened = time.perf_counter()
+        try:
+            if kind == "raw":
+                await ws.send(_encoder.encode({"type": "subscribe", "jobId": job}), text=True)
+                if await ws.recv(decode=False) != SUBSCRIBED:
+                    raise Refused("the raw server did not confirm the room")
+                return ws, opened, 0, None
+            await ws.send(_encoder.encode({"type": "auth", "token": token}), text=True)
+            answer = _control.decode(await ws.recv(decode=False))
+            if answer.type != "authenticated":
+                raise Refused(f"auth answered {answer.type}: {answer.message}")
+            subscribe: dict[str, Any] = {"type": "subscribe", "jobId": job}
+            if after_seq is not None:
+                subscribe["afterSeq"] = after_seq
+            await ws.send(_encoder.encode(subscribe), text=True)
+            replayed = 0
+            while True:
+                message = await ws.recv(decode=False)
+                if message.startswith(REPLAY):
+                    replayed += message.count(EVENT_ID)
+                elif message.startswith(CAUGHT_UP):
+                    return ws, opened, replayed, _control.decode(message).seq
+                elif message.startswith(ERROR):
+                    error = _control.decode(message)
+                    raise Refused(f"{error.code}: {error.message}")
+        except BaseException:
+            ws.transport.abort()
+            raise
+
+    async def _connect(
+        self,
+        url: str,
+        kind: str,
+        job: int,
+        job_id: str,
+        token: str | None,
+        after_seq: int | None,
+    ) -> tuple[Client, float, float, int, int | None]:
+        ws, opened, replayed, seq = await self._handshake(url, kind, job_id, token, after_seq)
+        client = Client(ws, job)
+        client.task = asyncio.create_task(self._pump(client))
+        return client, opened, time.perf_counter(), replayed, seq
+
+    async def _pump(self, client: Client) -> None:
+        recv = client.ws.recv
+        try:
+            while True:
+                message = await recv(decode=False)
+                if message.startswith(EVENT):
+                    self.events += 1
+                    if self.events >= self._target:
+                        self._reached.set()
+                    if self.recording is not None:
+                        received = time.time()
+                        self.recording.append((client.job, _seq.decode(message).seq, received))
+                else:
+                    self.other += 1
+        except websockets.ConnectionClosed as closed:
+            if not client.closing:
+                code = closed.rcvd.code if closed.rcvd is not None else "none"
+                self.dropped[str(code)] += 1
+
+    async def _close(self, clients: list[Client]) -> None:
         for client in clients:
             client.closing = True
 
@@ -272,18 +732,12 @@ class Load:
                 with contextlib.suppress(asyncio.CancelledError):
                     await client.task
 
-        started = time.perf_counter()
         await asyncio.gather(*(one(client) for client in clients))
-        return {"closed": len(clients), "seconds": time.perf_counter() - started}
-
-    async def close_all(self) -> None:
-        for group in list(self.groups):
-            await self.close(group)
 
 
 async def main() -> None:
     raise_open_files(_OPEN_FILES)
-    load = Load()
+    load = FrameLoad()
     try:
         await serve(
             {
