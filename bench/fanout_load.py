@@ -25,8 +25,9 @@ Requests:
             on=false: stop and answer them
     close   group: close its connections (concurrently)
 
-`Load` is the same request API over websockets' asyncio client, with `_handshake` and `_pump` as
-hooks: `bench.socketio_load` speaks Engine.IO through it.
+`Connection` and `FrameLoad` have hooks for another protocol over the same client (`live_prefix`,
+`live_seq`, `_other`, `_start`, `_message`; `FrameLoad._client`): `bench.socketio_load` speaks
+Engine.IO / Socket.IO through them.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ import os
 import random
 import time
 from collections import Counter
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import msgspec
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
 
 from . import wsclient
 from .control import raise_open_files, run_loop, serve
@@ -60,9 +59,6 @@ ERROR = b'{"type":"error"'
 SUBSCRIBED = b'{"type":"subscribed"}'
 EVENT_ID = b'"eventId"'
 _OPEN_FILES = 65536
-# Frames a websockets connection buffers before it pauses reading (`Load` only): more than the
-# default 16, so a fast stream is not paused and resumed every few frames.
-_MAX_QUEUE = 1024
 _OPEN_SECONDS = 30.0
 """Time to connect and complete the WebSocket handshake (websockets' open_timeout, as before)."""
 _CLOSE_SECONDS = 2.0
@@ -93,7 +89,7 @@ class Refused(Exception):
     """The server answered, but not what a client of the protocol waits for."""
 
 
-_ERRORS = (OSError, TimeoutError, websockets.WebSocketException, WebSocketError, Refused)
+_ERRORS = (OSError, TimeoutError, WebSocketError, Refused)
 """What a failed client is counted by (type name) in `open`'s errors, and retried after."""
 
 C = TypeVar("C")
@@ -246,7 +242,14 @@ _HTTP, _AUTH, _CATCHING_UP, _SUBSCRIBING, _LISTENING, _CLOSED = range(6)
 
 
 class Connection(asyncio.Protocol):
-    """One client connection of `FrameLoad`: the handshake, then counting frames."""
+    """One client connection of `FrameLoad`: the handshake, then counting frames.
+
+    Hooks for another protocol: `live_prefix` and `live_seq` (what a live event starts with,
+    and its seq), `_other` (a whole message that is not one, while listening), `_start` (the
+    WebSocket is open) and `_message` (the messages of the handshake phases)."""
+
+    live_prefix: ClassVar[bytes] = EVENT
+    """What the payload of a live event starts with: the one test per frame."""
 
     __slots__ = (
         "buf",
@@ -308,6 +311,11 @@ class Connection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
 
+    @staticmethod
+    def live_seq(payload: bytes | bytearray) -> int:
+        """The seq of a live event (only decoded while recording)."""
+        return _seq.decode(payload).seq
+
     # -- transport callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -336,6 +344,7 @@ class Connection(asyncio.Protocol):
         end = len(view)
         load = self.load
         recording = load.recording
+        prefix = self.live_prefix
         received = 0.0
         events = other = 0
         plain = self.state == _LISTENING and self.fragments is None
@@ -364,14 +373,14 @@ class Connection(asyncio.Protocol):
             if stop > end:
                 break
             if plain and (head == 0x81 or head == 0x82):
-                if view.startswith(EVENT, start, stop):
+                if view.startswith(prefix, start, stop):
                     events += 1
                     if recording is not None:
                         if not received:
                             received = time.time()
-                        seq = _seq.decode(view[start:stop]).seq
+                        seq = self.live_seq(view[start:stop])
                         recording.append((self.job, seq, received))
-                else:
+                elif self._other(view[start:stop]):
                     other += 1
             else:
                 self._frame(head, view[start:stop])
@@ -434,10 +443,18 @@ class Connection(asyncio.Protocol):
             return False
         self.opened = time.perf_counter()
         self.pos = end + 4
-        self.state = _AUTH if self.subscribe is not None else _SUBSCRIBING
-        self._send(wsclient.TEXT, self.first)
+        self._start()
         if not self.upgraded.done():
             self.upgraded.set_result(None)
+        return True
+
+    def _start(self) -> None:
+        """The WebSocket is open: the first step of the handshake."""
+        self.state = _AUTH if self.subscribe is not None else _SUBSCRIBING
+        self._send(wsclient.TEXT, self.first)
+
+    def _other(self, message: bytes | bytearray) -> bool:
+        """A whole message that is not a live event, while listening: True to count it."""
         return True
 
     def _frame(self, head: int, payload: bytes | bytearray) -> None:
@@ -479,13 +496,13 @@ class Connection(asyncio.Protocol):
         state = self.state
         load = self.load
         if state == _LISTENING:
-            if message.startswith(EVENT):
+            if message.startswith(self.live_prefix):
                 load.events += 1
                 if load.events >= load._target:
                     load._reached.set()
                 if load.recording is not None:
-                    load.recording.append((self.job, _seq.decode(message).seq, time.time()))
-            else:
+                    load.recording.append((self.job, self.live_seq(message), time.time()))
+            elif self._other(message):
                 load.other += 1
             return
         try:
@@ -583,9 +600,10 @@ class Connection(asyncio.Protocol):
 
 
 class FrameLoad(Requests[Connection]):
-    """The requests over lean connections (`Connection`): this module's load client."""
+    """The requests over lean connections (`Connection`): this module's load client. `_client`
+    is the hook of another protocol: the connection to open, and where."""
 
-    async def _connect(
+    def _client(
         self,
         url: str,
         kind: str,
@@ -593,7 +611,7 @@ class FrameLoad(Requests[Connection]):
         job_id: str,
         token: str | None,
         after_seq: int | None,
-    ) -> tuple[Connection, float, float, int, int | None]:
+    ) -> tuple[Connection, wsclient.Target]:
         where = wsclient.target(url)
         key = wsclient.new_key()
         subscribe: dict[str, Any] = {"type": "subscribe", "jobId": job_id}
@@ -605,6 +623,18 @@ class FrameLoad(Requests[Connection]):
             first = _encoder.encode({"type": "auth", "token": token})
             then = _encoder.encode(subscribe)
         client = Connection(self, wsclient.upgrade_request(where, key), key, job, first, then)
+        return client, where
+
+    async def _connect(
+        self,
+        url: str,
+        kind: str,
+        job: int,
+        job_id: str,
+        token: str | None,
+        after_seq: int | None,
+    ) -> tuple[Connection, float, float, int, int | None]:
+        client, where = self._client(url, kind, job, job_id, token, after_seq)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(_OPEN_SECONDS):
@@ -625,114 +655,6 @@ class FrameLoad(Requests[Connection]):
         for client in clients:
             if not client.lost.done():
                 client.abort()
-
-
-# --------------------------------------------------------------------------- websockets' client
-
-
-class Client:
-    __slots__ = ("closing", "job", "task", "ws")
-
-    def __init__(self, ws: ClientConnection, job: int) -> None:
-        self.ws = ws
-        self.job = job
-        self.closing = False
-        self.task: asyncio.Task[None] | None = None
-
-
-class Load(Requests[Client]):
-    """The requests over websockets' asyncio client, a task per connection: `_handshake` and
-    `_pump` are the hooks of another protocol over WebSocket (`bench.socketio_load`)."""
-
-    async def _handshake(
-        self, url: str, kind: str, job: str, token: str | None, after_seq: int | None
-    ) -> tuple[ClientConnection, float, int, int | None]:
-        """One client: connected, subscribed and caught up. Returns the connection, when its
-        WebSocket handshake completed, the events replayed to it and its caught-up seq."""
-        ws = await connect(
-            url,
-            compression=None,
-            ping_interval=None,
-            max_queue=_MAX_QUEUE,
-            proxy=None,
-            open_timeout=_OPEN_SECONDS,
-            close_timeout=10,
-        )
-        opened = time.perf_counter()
-        try:
-            if kind == "raw":
-                await ws.send(_encoder.encode({"type": "subscribe", "jobId": job}), text=True)
-                if await ws.recv(decode=False) != SUBSCRIBED:
-                    raise Refused("the raw server did not confirm the room")
-                return ws, opened, 0, None
-            await ws.send(_encoder.encode({"type": "auth", "token": token}), text=True)
-            answer = _control.decode(await ws.recv(decode=False))
-            if answer.type != "authenticated":
-                raise Refused(f"auth answered {answer.type}: {answer.message}")
-            subscribe: dict[str, Any] = {"type": "subscribe", "jobId": job}
-            if after_seq is not None:
-                subscribe["afterSeq"] = after_seq
-            await ws.send(_encoder.encode(subscribe), text=True)
-            replayed = 0
-            while True:
-                message = await ws.recv(decode=False)
-                if message.startswith(REPLAY):
-                    replayed += message.count(EVENT_ID)
-                elif message.startswith(CAUGHT_UP):
-                    return ws, opened, replayed, _control.decode(message).seq
-                elif message.startswith(ERROR):
-                    error = _control.decode(message)
-                    raise Refused(f"{error.code}: {error.message}")
-        except BaseException:
-            ws.transport.abort()
-            raise
-
-    async def _connect(
-        self,
-        url: str,
-        kind: str,
-        job: int,
-        job_id: str,
-        token: str | None,
-        after_seq: int | None,
-    ) -> tuple[Client, float, float, int, int | None]:
-        ws, opened, replayed, seq = await self._handshake(url, kind, job_id, token, after_seq)
-        client = Client(ws, job)
-        client.task = asyncio.create_task(self._pump(client))
-        return client, opened, time.perf_counter(), replayed, seq
-
-    async def _pump(self, client: Client) -> None:
-        recv = client.ws.recv
-        try:
-            while True:
-                message = await recv(decode=False)
-                if message.startswith(EVENT):
-                    self.events += 1
-                    if self.events >= self._target:
-                        self._reached.set()
-                    if self.recording is not None:
-                        received = time.time()
-                        self.recording.append((client.job, _seq.decode(message).seq, received))
-                else:
-                    self.other += 1
-        except websockets.ConnectionClosed as closed:
-            if not client.closing:
-                code = closed.rcvd.code if closed.rcvd is not None else "none"
-                self.dropped[str(code)] += 1
-
-    async def _close(self, clients: list[Client]) -> None:
-        for client in clients:
-            client.closing = True
-
-        async def one(client: Client) -> None:
-            with contextlib.suppress(OSError, websockets.WebSocketException):
-                await client.ws.close()
-            if client.task is not None:
-                client.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await client.task
-
-        await asyncio.gather(*(one(client) for client in clients))
 
 
 async def main() -> None:

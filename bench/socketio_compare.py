@@ -3,9 +3,9 @@ the same clients, in one run.
 
 Processes, each on uvloop: the gateway as deployed and its load client (`bench.fanout_load`),
 the raw websockets server (`bench.fanout_raw`, for context), python-socketio's server
-(`bench.socketio_server`) and its load client (`bench.socketio_load`: Engine.IO over websockets'
-client, the gateway load client's library, because python-socketio's AsyncClient would be the
-bottleneck). The gateway's figures come from `bench.fanout`'s own machinery (`Rig.fanout`), and
+(`bench.socketio_server`) and its load client (`bench.socketio_load`: Engine.IO 4 over the
+gateway load client's own lean WebSocket client, because python-socketio's AsyncClient would be
+the bottleneck). The gateway's figures come from `bench.fanout`'s own machinery (`Rig.fanout`), and
 python-socketio is driven through the same `Rig` with the same flow control: N clients in one
 room (one job), events produced at full speed while fewer than `backlog_events` per client are
 in flight.
@@ -397,9 +397,10 @@ def render(
         f"{s.seconds:g} s window after {s.warmup:g} s warm-up, at most {s.backlog_events} events "
         "per client in flight (bench.fanout's flow control) for every server.",
         "python-socketio: AsyncServer on aiohttp, emit(…, room=…); its load client speaks "
-        "Engine.IO 4 over websockets' client (python-socketio's AsyncClient, one task per "
-        "message, would be the bottleneck). Gateway and raw websockets: bench.fanout's "
-        "machinery and load client. Raw websockets is shown for context (no latency stamp).",
+        "Engine.IO 4 over the same lean WebSocket client as the gateway's (python-socketio's "
+        "AsyncClient, one task per message, would be the bottleneck); its server used a whole "
+        "core. Gateway and raw websockets: bench.fanout's machinery and load client. Raw "
+        "websockets is shown for context (no latency stamp).",
         "Latency: gateway from each event's occurredAt (before its append commits) to receipt; "
         "python-socketio from its emit to receipt. Both at full speed, so mostly queueing.",
         "Socket.IO's default mode does not resend what was emitted while a client was "
