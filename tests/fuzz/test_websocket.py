@@ -363,6 +363,14 @@ def _utf8(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @st.composite
 def raw_frames(draw: st.DrawFn) -> Frame:
     """A frame written by hand: any opcode, reserved bits, masked or not, fragmented or not,
@@ -582,6 +590,16 @@ def test_raw_frames_that_break_the_websocket_protocol(stack: Stack) -> None:
     fuzz()
 
 
+def test_text_that_is_not_utf8_is_closed_with_1007(stack: Stack) -> None:
+    job_id = stack.bystander.job_id
+    message = '{"type": "\ud800", "jobId": "' + str(job_id) + '"}'  # a lone surrogate
+    assert not _is_utf8(message)
+    result = exchange(stack.url, None, USER, [Frame(message)] * 3)
+    assert result.close_code == 1007, result.close_code
+    _assert_documented_close(result)
+    stack.check()
+
+
 def test_floods_are_closed_with_the_limit_code(stack: Stack) -> None:
     job_id = stack.bystander.job_id
     assert job_id is not None
@@ -594,6 +612,9 @@ def test_floods_are_closed_with_the_limit_code(stack: Stack) -> None:
     )
     def fuzz(token: str, message: str, count: int) -> None:
         assume(len(_utf8(message)) <= MAX_MESSAGE)
+        # A text frame that is not UTF-8 (a lone surrogate) is closed with 1007 at the first
+        # frame, before any rate is counted (test_text_that_is_not_utf8_is_closed_with_1007).
+        assume(_is_utf8(message))
         result = exchange(stack.url, None, token, [Frame(message)] * count)
         assert result.close_code == 4029, result.close_code
         _assert_documented_close(result)
