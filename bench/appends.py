@@ -102,6 +102,9 @@ class Settings:
     log sustains on this machine."""
     group_sweep: tuple[int, ...] = (1, 10, 100, 1000)
     """Concurrent jobs of the closed-loop sweep: append rate and latency against concurrency."""
+    long_job_events: int = 20_000
+    """Events already in the job of the long-job figure: an append must not cost more the
+    longer its job (or the log) is, whatever statistics the database has."""
     tail_page: int = 1000
     tail_budget: float = 10.0
     """Longest a tail scan may take; it stops earlier when it has read every event."""
@@ -302,6 +305,25 @@ async def measure_append(
                 await sending
 
 
+async def measure_long_job(dsn: str, settings: Settings) -> Sample:
+    """`EventLog.append`, one event per transaction, 1 writer, to a job that already holds
+    `long_job_events` events (written in batches of 500 first, through the same connection)."""
+    payload = progress_payload(settings.payload_bytes)
+    async with pool(dsn, 1) as shared:
+        log = EventLog(shared)
+        seqs = await create_jobs(log, 1)
+        ((job, seq),) = seqs.items()
+        while seq < settings.long_job_events:
+            count = min(500, settings.long_job_events - seq)
+            events = [_progress_event(payload) for _ in range(count)]
+            seq = (await log.append(job, seq, events)).last_seq
+        seqs[job] = seq
+        writer = _AppendWriter(log, seqs, [job], payload)
+        return await drive(
+            [functools.partial(writer.append, 1)], warmup=settings.warmup, seconds=settings.seconds
+        )
+
+
 # --------------------------------------------------------------------------- group commit
 
 
@@ -498,6 +520,12 @@ def plan(settings: Settings) -> list[Spec]:
             "EventLog.append 1 event/tx, 1 writer",
             p(measure_append, writers=1, per_call=1),
             baseline="raw_insert_1",
+        ),
+        Spec(
+            "append_long_job",
+            f"  same, to a job of {settings.long_job_events:,} events",
+            measure_long_job,
+            baseline="append_one_1",
         ),
         Spec(
             "raw_batch_1",

@@ -29,6 +29,7 @@ TINY = appends.Settings(
     group_seconds=0.3,
     group_sweep=(1, 5),
     tail_page=50,
+    long_job_events=600,
     tail_budget=1.0,
 )
 
