@@ -84,6 +84,19 @@ FLUSH_AT = 256
 """Frames pending for one client that are written at once rather than at the turn's end."""
 
 
+def text_frame(payload: bytes) -> bytes:
+    """`payload` as one whole WebSocket text frame from the server (FIN, unmasked, RFC 6455
+    5.2): the bytes that go on the wire. A live event is framed once per process and the same
+    frame written to each of its clients; compression is off, so the frame is the same for all.
+    """
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
 async def close_connection(
     connection: ServerConnection, code: int, reason: str, timeout: float
 ) -> None:
@@ -209,7 +222,7 @@ class Client:
         self._max_queue = max_queue
         self._unregister = unregister
         self._schedule = schedule
-        self.pending: list[bytes] | None = None
+        self.pending: list[bytes] | None = None  # whole frames, as `text_frame` makes them
         self.pending_bytes = 0
         self.lost = False
         self._max_queue_bytes = max_queue_bytes
@@ -267,8 +280,13 @@ class Client:
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Queue one text frame; it is written at the end of this turn of the event loop (or
-        at once when many are waiting and the socket takes them)."""
+        """Queue `data` as one text frame; it is written at the end of this turn of the event
+        loop (or at once when many are waiting and the socket takes them)."""
+        if not self.overflowed:
+            self.send_frame(text_frame(data))
+
+    def send_frame(self, data: bytes) -> None:
+        """Queue one whole frame, made by `text_frame` (once for every client it goes to)."""
         if self.overflowed:
             return
         pending = self.pending
@@ -305,20 +323,20 @@ class Client:
         self.send(server_encoder.encode(error))
 
     def flush(self) -> None:
-        """Write every pending frame with one write to the socket (unless it is blocked)."""
+        """Write every pending frame with one write to the socket (unless it is blocked).
+
+        The frames are written as they are, past the protocol object of websockets, which would
+        frame each again for each client; it has nothing of its own waiting (its frames are
+        written as it makes them), and a frame it writes later goes after these."""
         pending = self.pending
         if pending is None or self._blocked:
             return
         self.pending = None
         self.pending_bytes = 0
         connection = self.connection
-        protocol = connection.protocol
-        if protocol.state is not State.OPEN:
+        if connection.protocol.state is not State.OPEN:
             return  # closing: what was pending is dropped, the client resumes
-        for data in pending:
-            protocol.send_text(data)
-        chunks = protocol.data_to_send()
-        connection.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        connection.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if connection.paused:
             self._blocked = True
             self._draining = asyncio.create_task(self._drain(), name="client-drain")
@@ -348,12 +366,15 @@ class Client:
     # -- carrying out a subscription's actions ----------------------------------------------
 
     def dispatch(self, key: StreamKey, actions: list[Action], live: bytes | None = None) -> None:
-        """Carry out actions: sends now, reads by the reader task. `live` is the already
-        encoded live event the actions came from."""
+        """Carry out actions: sends now, reads by the reader task. `live` is the live event the
+        actions came from, already encoded and framed (`text_frame`)."""
         for action in actions:
             match action:
                 case Send(event=event):
-                    self.send(live if live is not None else encode_event(event))
+                    if live is not None:
+                        self.send_frame(live)
+                    else:
+                        self.send(encode_event(event))
                 case SendStatusSync(state=state, seq=seq):
                     assert key[0] == "job"
                     self.send(

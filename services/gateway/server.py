@@ -67,6 +67,7 @@ from .clients import (
     StreamKey,
     close_connection,
     stream_names,
+    text_frame,
 )
 from .config import GatewayConfig
 from .reader import Reader
@@ -354,7 +355,7 @@ class Gateway:
                 if not clients:
                     continue
                 if encoded is None:
-                    encoded = encode_event(event)
+                    encoded = text_frame(encode_event(event))
                 for client in list(clients):
                     subscription = client.subscriptions.get(key)
                     if subscription is not None:
@@ -665,11 +666,11 @@ class Gateway:
     async def _heartbeats(self) -> None:
         """One timer for every client: each gets a heartbeat every interval."""
         interval = self.config.heartbeat_interval
-        beat = server_encoder.encode(Heartbeat(interval=interval))
+        beat = text_frame(server_encoder.encode(Heartbeat(interval=interval)))
         while True:
             await asyncio.sleep(interval)
             for client in list(self._clients):
-                client.send(beat)
+                client.send_frame(beat)
 
     async def _cancel(self, client: Client, job_id: uuid.UUID) -> None:
         """Forward a cancel to the export service with the user's own token: the export service
