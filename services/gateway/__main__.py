@@ -14,14 +14,18 @@ from services.common.logs import configure_logging
 from services.common.settings import SettingsError, from_env
 
 from .config import GatewayConfig
+from .gcpacer import GcPacer
 from .server import Gateway
 
 
 async def serve(config: GatewayConfig) -> None:
+    pacer = GcPacer() if config.gc_pacing else None
     try:
-        gateway = Gateway(config)
+        gateway = Gateway(config, gc_pacer=pacer)
     except ValueError as exc:
         sys.exit(f"exportlog-gateway: {exc}")
+    if pacer is not None:
+        pacer.install()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -41,6 +41,7 @@ from .subscription import (
     Send,
     SendCaughtUp,
     SendEndOfStream,
+    SendPage,
     SendStatusSync,
     SendStreamCaughtUp,
     SendStreamSync,
@@ -375,6 +376,8 @@ class Client:
                         self.send_frame(live)
                     else:
                         self.send(encode_event(event))
+                case SendPage():
+                    raise AssertionError("a replay page is carried out by _replay")
                 case SendStatusSync(state=state, seq=seq):
                     assert key[0] == "job"
                     self.send(
@@ -497,14 +500,15 @@ class Client:
             self._replay(key, page, subscription.on_page(page.events))
 
     def _replay(self, key: StreamKey, page: Page, actions: list[Action]) -> None:
-        """Send a page's new events as one frame, then the machine's other actions."""
-        sends = [a for a in actions if isinstance(a, Send)]
-        if sends:
-            first = page.events.index(sends[0].event)
-            self.send(page.frame(first, first + len(sends)))
-            if self._replays is not None and key in self._replays:
-                self._replays[key][1] += len(sends)
-        self.dispatch(key, [a for a in actions if not isinstance(a, Send)])
+        """Carry out the machine's actions on a page: its new events go as one frame."""
+        for n, action in enumerate(actions):
+            if isinstance(action, SendPage):
+                self.send(page.frame(action.start, action.stop))
+                if self._replays is not None and key in self._replays:
+                    self._replays[key][1] += action.stop - action.start
+            else:
+                self.dispatch(key, actions[n:])  # a page's events come first, the rest after
+                return
 
     def subscribe(
         self, key: StreamKey, after: int | None

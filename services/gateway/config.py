@@ -51,6 +51,13 @@ class GatewayConfig:
     page_size: int = field(
         default=200, metadata={"help": "events per replay read, and per export:replay frame"}
     )
+    replay_cache_events: int = field(
+        default=20_000,
+        metadata={
+            "help": "events of jobs last read for replays kept in memory, so that clients "
+            "reconnecting at the same seq do not read and decode them again (0: none)"
+        },
+    )
     snapshot_jobs: int = field(
         default=200, metadata={"help": "job states at most in a project's status-sync"}
     )
@@ -85,6 +92,13 @@ class GatewayConfig:
     heartbeat_interval: float = field(
         default=15.0,
         metadata={"help": "seconds between heartbeat messages a browser can watch for"},
+    )
+    gc_pacing: bool = field(
+        default=True,
+        metadata={
+            "help": "full garbage collections after connections close, not each time the heap "
+            "grows by a quarter (a reconnect storm would spend half its CPU in them)"
+        },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(

@@ -11,6 +11,12 @@ the number of clients and jobs in it:
     project/log     one snapshot query and one page query for every stream in the round
 
 Each event read is encoded once, and a page many clients asked for identically is framed once.
+
+Events of jobs already read are kept (`EventCache`, a bounded number of the latest read): a
+committed event never changes, so a page is the cached run of events right after the client's
+seq plus a read of what comes after that run. The read still goes to the database (only it knows
+whether more has been committed), but it is of the events past the cached run, which in a storm
+of clients of the same jobs is nothing: the rows are neither fetched nor decoded again per round.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +102,43 @@ class _Round:
         ]
 
 
+class EventCache:
+    """Events as read from the log, with their encoded bytes, by (job, seq); at most `capacity`
+    of them, the oldest read dropped first. Only what was read from the log goes in: every
+    event here was committed, and a committed event never changes."""
+
+    __slots__ = ("_events", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._events: OrderedDict[tuple[UUID, int], tuple[Event, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def add(self, event: Event, encoded: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        events = self._events
+        events[event.job_id, event.seq] = (event, encoded)
+        if len(events) > self.capacity:
+            events.popitem(last=False)
+
+    def run(self, job_id: UUID, after: int, upto: int) -> list[tuple[Event, bytes]]:
+        """The cached events of `job_id` from seq `after + 1` on, up to `upto`, as long as they
+        follow each other: seqs have no gaps, so these are exactly the log's events there."""
+        events = self._events
+        found: list[tuple[Event, bytes]] = []
+        seq = after + 1
+        while seq <= upto:
+            hit = events.get((job_id, seq))
+            if hit is None:
+                break
+            found.append(hit)
+            seq += 1
+        return found
+
+
 def merge_ranges(requests: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Seq ranges (after, upto] covering `requests` of (after_seq, limit): touching or
     overlapping ranges become one, so one read serves every client at or near the same seq."""
@@ -117,11 +160,13 @@ class Reader:
         pool: asyncpg.Pool,
         *,
         snapshot_jobs: int = 200,
+        cache_events: int = 20_000,
         on_query: Callable[[str], None] | None = None,
         on_request: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
         self._snapshot_jobs = snapshot_jobs
+        self.cache = EventCache(cache_events)
         self._on_query = on_query
         self._on_request = on_request
         self._round = _Round()
@@ -231,14 +276,21 @@ class Reader:
         by_job: dict[UUID, list[tuple[int, int]]] = defaultdict(list)
         for job_id, after, limit in wanted:
             by_job[job_id].append((after, limit))
+        cache = self.cache
+        found: dict[UUID, list[tuple[Event, bytes]]] = defaultdict(list)
         job_ids: list[UUID] = []
         afters: list[int] = []
         uptos: list[int] = []
         for job_id, requests in by_job.items():
             for after, upto in merge_ranges(requests):
-                job_ids.append(job_id)
-                afters.append(after)
-                uptos.append(upto)
+                cached = cache.run(job_id, after, upto)
+                if cached:
+                    found[job_id] += cached
+                    after += len(cached)
+                if after < upto:
+                    job_ids.append(job_id)
+                    afters.append(after)
+                    uptos.append(upto)
         rows: list[asyncpg.Record] = []
         # Bounded queries: a storm at thousands of cursors is read a slice of ranges at a time.
         for start in range(0, len(job_ids), RANGES_PER_QUERY):
@@ -246,12 +298,18 @@ class Reader:
             rows += await self._fetch(
                 "job_ranges", job_ids[start:stop], afters[start:stop], uptos[start:stop]
             )
-        read: dict[UUID, list[Event]] = defaultdict(list)
-        encoded: dict[UUID, list[bytes]] = defaultdict(list)
         for row in rows:
             event = event_from_row(row)
-            read[event.job_id].append(event)
-            encoded[event.job_id].append(encode_event(event))
+            hit = (event, encode_event(event))
+            found[event.job_id].append(hit)
+            cache.add(*hit)
+        read: dict[UUID, list[Event]] = {}
+        encoded: dict[UUID, list[bytes]] = {}
+        for job_id, hits in found.items():
+            # Cached runs and rows read come in range order, not in seq order: sort them.
+            hits.sort(key=_hit_seq)
+            read[job_id] = [hit[0] for hit in hits]
+            encoded[job_id] = [hit[1] for hit in hits]
         for (job_id, after, limit), future in wanted.items():
             events = read.get(job_id, [])
             # The job's ranges are disjoint and in seq order: find this request's slice.
@@ -328,6 +386,10 @@ class Reader:
 
 def _seq(event: Event) -> int:
     return event.seq
+
+
+def _hit_seq(hit: tuple[Event, bytes]) -> int:
+    return hit[0].seq
 
 
 def _resolve(future: asyncio.Future[Any], value: object) -> None:

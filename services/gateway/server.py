@@ -70,6 +70,7 @@ from .clients import (
     text_frame,
 )
 from .config import GatewayConfig
+from .gcpacer import GcPacer
 from .reader import Reader
 
 log = structlog.get_logger(__name__)
@@ -169,9 +170,15 @@ def _json(status: http.HTTPStatus, body: object) -> Response:
 class Gateway:
     """Owns the server, the pool and the tailer; `close()` stops them in order, once."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, gc_pacer: GcPacer | None = None) -> None:
+        """`gc_pacer`, installed for the process, is told of every connection that ends, and
+        run (and reported on /metrics) while the gateway runs; without it CPython's schedule
+        of full collections stays (tests run several gateways in one process)."""
         self.config = config
         self.registry = CollectorRegistry()
+        self._gc_pacer = gc_pacer
+        self._gc_task: asyncio.Task[None] | None = None
+        self._open_connections = 0
         self._events_read = Counter(
             "gateway_tail_events", "Events read from the log", registry=self.registry
         )
@@ -228,6 +235,17 @@ class Gateway:
             registry=self.registry,
         )
         self._replay_metrics = ReplayMetrics(self.registry)
+        if gc_pacer is not None:
+            Gauge(
+                "gateway_gc_full_collections",
+                "Full garbage collections run by the gateway's pacer (after connections closed)",
+                registry=self.registry,
+            ).set_function(lambda: gc_pacer.collections)
+            Gauge(
+                "gateway_gc_full_seconds",
+                "Seconds spent in those collections, in all",
+                registry=self.registry,
+            ).set_function(lambda: gc_pacer.seconds)
         self._verifier = TokenVerifier(
             secret=config.jwt_secret or None,
             public_key=config.jwt_public_key or None,
@@ -262,11 +280,16 @@ class Gateway:
         self._reader = Reader(
             self._pool,
             snapshot_jobs=self.config.snapshot_jobs,
+            cache_events=self.config.replay_cache_events,
             on_query=lambda name: self._replay_queries.labels(name).inc(),
             on_request=self._replay_requests.inc,
         )
         self._reader_task = asyncio.create_task(self._reader.run(), name="gateway-reader")
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="gateway-heartbeats")
+        if self._gc_pacer is not None:
+            self._gc_task = asyncio.create_task(
+                self._gc_pacer.run(lambda: self._open_connections), name="gateway-gc"
+            )
         self._tailer = Tailer(
             self._eventlog,
             self.config.database_url,
@@ -329,7 +352,7 @@ class Gateway:
                 for client in list(self._clients):
                     client.connection.transport.abort()
                 await self._server.wait_closed()
-        for task in (self._tail_task, self._reader_task, self._heartbeat_task):
+        for task in (self._tail_task, self._reader_task, self._heartbeat_task, self._gc_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -441,6 +464,15 @@ class Gateway:
         return _json(http.HTTPStatus.OK, {"status": "ready", "position": self._tailer.position})
 
     async def _handle(self, connection: ServerConnection) -> None:
+        self._open_connections += 1
+        try:
+            await self._connected(connection)
+        finally:
+            self._open_connections -= 1
+            if self._gc_pacer is not None:
+                self._gc_pacer.connection_closed()
+
+    async def _connected(self, connection: ServerConnection) -> None:
         # Every log line of this connection's task carries its id (and its user, once known).
         structlog.contextvars.bind_contextvars(connection_id=connection.id.hex[:16])
         authenticated = await self._authenticate(connection)

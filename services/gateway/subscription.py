@@ -73,9 +73,24 @@ class ReadPage:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send one event to the client."""
+    """Send one (live) event to the client."""
 
     event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class SendPage:
+    """Send `page[start:stop]`, the new events of the replay page just fed to `on_page`, in
+    order (the pump sends them as one frame). One action per page, not one per event: a storm of
+    reconnecting clients replays thousands of pages."""
+
+    page: Sequence[Event]
+    start: int
+    stop: int
+
+    @property
+    def events(self) -> Sequence[Event]:
+        return self.page[self.start : self.stop]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,7 @@ Action: TypeAlias = (
     | SendStatusSync
     | ReadPage
     | Send
+    | SendPage
     | SendCaughtUp
     | SendEndOfStream
     | SendStreamSync
@@ -208,18 +224,24 @@ class Subscription:
         if self._phase == "ended":
             return []
         actions: list[Action] = []
-        for event in events:
-            self._check_job(event)
+        start = -1
+        job_id = self.job_id
+        for i, event in enumerate(events):
+            if event.job_id != job_id:
+                raise SubscriptionError(f"event of job {event.job_id}, not {job_id}")
             if event.seq <= self._delivered:
                 continue
             if event.seq != self._delivered + 1:
                 raise SubscriptionError(
                     f"page skips from seq {self._delivered} to {event.seq}: the log has no gaps"
                 )
-            actions.append(Send(event))
+            if start < 0:
+                start = i
             self._delivered = event.seq
             if event.type in END_TYPES:
-                return actions + self._end()
+                return [SendPage(events, start, i + 1), *self._end()]
+        if start >= 0:
+            actions.append(SendPage(events, start, len(events)))
         if len(events) >= limit or self._live_high > self._delivered:
             # A full page may have more behind it; a short one below the live mark was read
             # before the events the tailer has already seen were committed.
@@ -334,14 +356,18 @@ class StreamSubscription:
         self._pending_limit = None
         actions: list[Action] = []
         previous = -1
-        for event in events:
+        start = -1
+        for i, event in enumerate(events):
             if event.position <= previous:
                 raise SubscriptionError("a page must be in position order")
             previous = event.position
             if event.position <= self._delivered:
                 continue
-            actions.append(Send(event))
+            if start < 0:
+                start = i
             self._delivered = event.position
+        if start >= 0:
+            actions.append(SendPage(events, start, len(events)))
         if len(events) >= limit or self._live_high > self._delivered:
             return actions + self._replay()
         # A short page read after the snapshot holds every event up to the snapshot's head.

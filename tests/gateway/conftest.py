@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from schemas.events import Event
 from services.common.auth import issue_token
 from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
+from services.gateway.subscription import Action, Send, SendPage
 from tests.support import unpack, wait_for
 
 SECRET = "gateway-test-secret-long-enough-for-hs256"
@@ -87,6 +89,17 @@ async def connect_stalling(gateway: Gateway, user: str = "alice") -> ClientConne
     await ws.send(json.dumps({"type": "auth", "token": token(user)}))
     assert json.loads(await ws.recv())["type"] == "authenticated"
     return ws
+
+
+def events_sent(actions: Sequence[Action]) -> list[Event]:
+    """The events a subscription's actions send, live (one by one) or replayed (by pages)."""
+    events: list[Event] = []
+    for action in actions:
+        if isinstance(action, Send):
+            events.append(action.event)
+        elif isinstance(action, SendPage):
+            events += action.events
+    return events
 
 
 def slow_clients_closed(gateway: Gateway) -> float:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
 import pytest
 
-from schemas.events import encode_event
+from schemas.events import Event, Progress, encode_event
 from schemas.state import JobState
 from services.common.eventlog import EventLog
-from services.gateway.reader import Reader, ReaderError, merge_ranges
+from services.gateway.reader import EventCache, Reader, ReaderError, merge_ranges
 from tests.support import new_job, progress
 
 
@@ -26,6 +27,20 @@ async def reader(pool: asyncpg.Pool) -> AsyncIterator[Reader]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def stub_event(job_id: uuid.UUID, seq: int) -> Event:
+    return Event(
+        job_id=job_id,
+        project_id="p1",
+        seq=seq,
+        position=seq,
+        event_id=uuid.uuid4(),
+        type=Progress.TYPE,
+        occurred_at=datetime.now(UTC),
+        actor="test",
+        data=Progress(phase="processing", progress=0, phase_progress=0),
+    )
 
 
 def test_touching_ranges_merge_and_distant_ones_do_not() -> None:
@@ -144,3 +159,52 @@ async def test_a_failed_read_fails_every_asker_with_a_reader_error(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await broken.close()
+
+
+def test_the_event_cache_gives_runs_without_gaps_and_keeps_the_latest() -> None:
+    job, other = uuid.UUID(int=1), uuid.UUID(int=2)
+    cache = EventCache(5)
+    made = {seq: stub_event(job, seq) for seq in (1, 2, 3, 5)}
+    for event in made.values():
+        cache.add(event, b"%d" % event.seq)
+    cache.add(stub_event(other, 4), b"other")
+    assert [e.seq for e, _ in cache.run(job, 0, 10)] == [1, 2, 3]  # stops before the gap at 4
+    assert [b for _, b in cache.run(job, 1, 2)] == [b"2"]  # and at `upto`
+    assert cache.run(job, 3, 10) == []
+    cache.add(stub_event(job, 6), b"6")  # a sixth: the oldest read (seq 1) goes
+    assert len(cache) == 5
+    assert cache.run(job, 0, 10) == []
+    assert [e.seq for e, _ in cache.run(job, 1, 10)] == [2, 3]
+
+
+async def test_pages_come_from_the_cache_and_the_log_together_and_miss_nothing_new(
+    reader: Reader, eventlog: EventLog
+) -> None:
+    job = await new_job(eventlog)  # seqs 1..2
+    await eventlog.append(job, 2, [progress(i) for i in range(8)])  # 3..10
+    first = await reader.job_page(job, 0, 50)
+    assert [e.seq for e in first.events] == list(range(1, 11))
+    assert len(reader.cache) == 10
+    # Committed since: a page read now has the cached run and the new events, in order, once.
+    await eventlog.append(job, 10, [progress(50 + i) for i in range(5)])  # 11..15
+    again, later = await asyncio.gather(reader.job_page(job, 0, 50), reader.job_page(job, 4, 8))
+    log = await eventlog.read_stream(job)
+    assert [e.seq for e in again.events] == [e.seq for e in log] == list(range(1, 16))
+    assert again.encoded == [encode_event(e) for e in log]
+    assert [e.seq for e in later.events] == list(range(5, 13))
+    assert later.encoded == [encode_event(e) for e in log[4:12]]
+    assert len(reader.cache) == 15
+
+
+async def test_cached_runs_of_distant_ranges_and_rows_read_after_them_come_in_seq_order(
+    reader: Reader, eventlog: EventLog
+) -> None:
+    job = await new_job(eventlog)
+    await eventlog.append(job, 2, [progress(i) for i in range(38)])  # seqs 1..40
+    await asyncio.gather(reader.job_page(job, 0, 5), reader.job_page(job, 20, 5))
+    assert len(reader.cache) == 10  # 1..5 and 21..25
+    near, far = await asyncio.gather(reader.job_page(job, 0, 10), reader.job_page(job, 20, 10))
+    assert [e.seq for e in near.events] == list(range(1, 11))
+    assert [e.seq for e in far.events] == list(range(21, 31))
+    log = await eventlog.read_stream(job)
+    assert far.encoded == [encode_event(e) for e in log[20:30]]

@@ -16,11 +16,13 @@ from services.gateway.subscription import (
     ReadSnapshot,
     ReadStreamPage,
     Send,
+    SendPage,
     SendStreamCaughtUp,
     SendStreamSync,
     StreamSubscription,
     SubscriptionError,
 )
+from tests.gateway.conftest import events_sent
 
 WHEN = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -40,7 +42,7 @@ def event(position: int, project: str = "p1") -> Event:
 
 
 def sent(actions: list[Action]) -> list[int]:
-    return [a.event.position for a in actions if isinstance(a, Send)]
+    return [e.position for e in events_sent(actions)]
 
 
 def test_resume_from_a_position_replays_then_goes_live() -> None:
@@ -204,5 +206,5 @@ def test_any_interleaving_delivers_each_event_of_the_stream_once_in_order(
         if isinstance(action, SendStreamCaughtUp):
             caught_up = True
             assert action.position >= head
-        if isinstance(action, Send) and source == "live":
+        if isinstance(action, (Send, SendPage)) and source == "live":
             assert caught_up, "a live event was sent before caught-up"

@@ -30,10 +30,12 @@ from services.gateway.subscription import (
     Send,
     SendCaughtUp,
     SendEndOfStream,
+    SendPage,
     SendStatusSync,
     Subscription,
     SubscriptionError,
 )
+from tests.gateway.conftest import events_sent
 
 JOB = uuid.UUID(int=1)
 WHEN = datetime(2024, 1, 1, tzinfo=UTC)
@@ -74,7 +76,7 @@ def phase_of(sub: Subscription) -> str:
 
 
 def sent(actions: list[Action]) -> list[int]:
-    return [a.event.seq for a in actions if isinstance(a, Send)]
+    return [e.seq for e in events_sent(actions)]
 
 
 ARCHIVE = ArchiveInfo(file_name="a.zip", size_bytes=1, sha256="0" * 64)
@@ -92,8 +94,8 @@ def test_reconnect_syncs_state_then_replays_then_goes_live() -> None:
         ReadPage(2, 2),
     ]
     assert phase_of(sub) == "replaying"
-    assert sub.on_page(events[2:4]) == [Send(events[2]), Send(events[3]), ReadPage(4, 2)]
-    assert sub.on_page(events[4:]) == [Send(events[4]), SendCaughtUp(5)]
+    assert sub.on_page(events[2:4]) == [SendPage(events[2:4], 0, 2), ReadPage(4, 2)]
+    assert sub.on_page(events[4:]) == [SendPage(events[4:], 0, 1), SendCaughtUp(5)]
     assert phase_of(sub) == "live"
     sixth = event(6)
     assert sub.on_live(sixth) == [Send(sixth)]
@@ -138,8 +140,8 @@ def test_live_events_during_replay_are_dropped_not_buffered() -> None:
     assert sub.on_live(events[2]) == []
     assert sub.on_live(events[3]) == []
     # The page was read before 3 and 4 were committed: below the live mark, read again.
-    assert sub.on_page(events[:2]) == [Send(events[0]), Send(events[1]), ReadPage(2, 10)]
-    assert sub.on_page(events[2:]) == [Send(events[2]), Send(events[3]), SendCaughtUp(4)]
+    assert sub.on_page(events[:2]) == [SendPage(events[:2], 0, 2), ReadPage(2, 10)]
+    assert sub.on_page(events[2:]) == [SendPage(events[2:], 0, 2), SendCaughtUp(4)]
 
 
 def test_live_event_already_replayed_is_dropped() -> None:
@@ -183,7 +185,7 @@ def test_caught_up_is_sent_once_per_switch_to_live() -> None:
     assert sub.on_page(events[:1])[-1] == SendCaughtUp(1)
     assert not any(isinstance(a, SendCaughtUp) for a in sub.on_live(events[1]))
     sub.on_live(events[3])
-    assert sub.on_page(events[2:]) == [Send(events[2]), Send(events[3]), SendCaughtUp(4)]
+    assert sub.on_page(events[2:]) == [SendPage(events[2:], 0, 2), SendCaughtUp(4)]
 
 
 @pytest.mark.parametrize("outcome", [Failed(code="boom"), Cancelled()])
@@ -193,8 +195,7 @@ def test_stream_ends_after_failure_or_cancellation(outcome: EventData) -> None:
     sub.start()
     sub.on_snapshot(state_of(events))
     assert sub.on_page(events[1:]) == [
-        Send(events[1]),
-        Send(events[2]),
+        SendPage(events[1:], 0, 2),
         SendCaughtUp(3),
         SendEndOfStream(3),
     ]
@@ -387,7 +388,7 @@ def test_any_interleaving_delivers_every_event_once_in_order(data: st.DataObject
     for source, action in world.out:
         if isinstance(action, SendCaughtUp):
             caught_up = True
-        if isinstance(action, Send) and source == "live":
+        if isinstance(action, (Send, SendPage)) and source == "live":
             assert caught_up, "a live event was sent before caught-up"
 
     ends = [a for a in actions if isinstance(a, SendEndOfStream)]
