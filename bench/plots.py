@@ -312,6 +312,15 @@ def plot_replay(data: Mapping[str, Any], path: Path) -> list[str]:
         label="gateway: reconnect → caught-up (median, min–max)",
         **GATEWAY,
     )
+    fx, fy = _points((f.get("events"), f.get("first_s")) for f in figures)
+    if fx:
+        ax.plot(
+            fx,
+            [v * 1000 for v in fy],
+            marker="s",
+            label="gateway: first reconnection (from the log)",
+            color="tab:orange",
+        )
     rx, ry = _points((f.get("events"), f.get("raw_sql_median_s")) for f in figures)
     if rx:
         ax.plot(rx, [v * 1000 for v in ry], linestyle="--", label="replay query alone", **RAW)

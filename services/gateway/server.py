@@ -285,6 +285,12 @@ class Gateway:
             on_request=self._replay_requests.inc,
         )
         self._reader_task = asyncio.create_task(self._reader.run(), name="gateway-reader")
+        cache = self._reader.cache
+        Gauge(
+            "gateway_replay_cache_events",
+            "Events kept in memory for replays (by job and seq)",
+            registry=self.registry,
+        ).set_function(lambda: len(cache))
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="gateway-heartbeats")
         if self._gc_pacer is not None:
             self._gc_task = asyncio.create_task(

@@ -165,6 +165,8 @@ def fanout(*, replay: bool = True) -> dict[str, Any]:
             {
                 "events": events,
                 "median_s": seconds,
+                "first_s": seconds * 2,
+                "again_median_s": seconds,
                 "min_s": seconds * 0.9,
                 "max_s": seconds * 1.4,
                 "raw_sql_median_s": seconds / 4,

@@ -35,6 +35,7 @@ async def test_metrics_follow_subscriptions_replays_and_live_events(
         assert sample(gateway, "gateway_subscriptions") == 1.0
         assert sample(gateway, "gateway_replay_seconds_count") == replays_before + 1
         assert sample(gateway, "gateway_replay_events_sum") >= 32
+        assert sample(gateway, "gateway_replay_cache_events") >= 32  # what the replay read
 
         lag_before = sample(gateway, "gateway_event_lag_seconds_count")
         await eventlog.append(job_id, 32, [progress(99.0)])
