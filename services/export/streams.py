@@ -41,7 +41,7 @@ from services.gateway.subscription import (
     Action,
     ReadSnapshot,
     ReadStreamPage,
-    Send,
+    SendPage,
     SendStreamCaughtUp,
     SendStreamSync,
     StreamSubscription,
@@ -409,10 +409,15 @@ async def _pump(hub: StreamHub, follower: Follower, response: web.StreamResponse
             case ReadStreamPage(after_position=after, limit=limit):
                 events = await hub.read_page(follower.project_id, after, limit)
                 actions = subscription.on_page(events)
-                chunk = b"".join(sse_event(a.event) for a in actions if isinstance(a, Send))
+                chunk = b"".join(
+                    sse_event(event)
+                    for a in actions
+                    if isinstance(a, SendPage)
+                    for event in a.events
+                )
                 if chunk:
                     await _write(response, chunk)
-                pending += [a for a in actions if not isinstance(a, Send)]
+                pending += [a for a in actions if not isinstance(a, SendPage)]
             case SendStreamCaughtUp(position=position):
                 await _write(response, _sse_marker("caught-up", position, with_id=True))
     # Live: whatever the tailer queued, and a comment now and then so that proxies and the
