@@ -433,3 +433,59 @@ async def test_an_append_the_writer_could_not_fold_is_never_accepted(pool: async
     assert (row["result"], row["current_seq"]) == ("conflict", 2)
     assert [e.seq for e in await log.read_stream(job)] == [1, 2]
     assert (await log.job_state(job)) == replay(await log.read_stream(job))
+
+
+INSERT_WITHOUT_HASH = """
+    INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id, owner_id,
+                        occurred_at)
+    VALUES ($1, $2, $3, $4, $5::json, 'user:a', 'p1', 'alice', now())
+"""
+
+
+PROGRESS_JSON = '{"phase": "processing", "progress": 1, "phaseProgress": 1}'
+
+
+async def _index_counters(conn: asyncpg.Connection) -> dict[str, tuple[int, int]]:
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    rows = await conn.fetch(
+        "SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes"
+        " WHERE relname = 'events'"
+    )
+    return {r["indexrelname"]: (r["idx_scan"], r["idx_tup_read"]) for r in rows}
+
+
+async def test_a_row_without_a_hash_reads_only_its_predecessor_in_a_new_database(
+    database_url: str,
+) -> None:
+    """Migration 0008: on a log without statistics the row trigger's lookup of a hash-less row's
+    predecessor walked every event of the job through (job_id, position), once its plan was
+    made. It must read by key. The index counters are read from another session once the
+    writer's are flushed (the statement check's scan of (job_id, seq) says when)."""
+    writer = await asyncpg.connect(database_url)
+    reader = await asyncpg.connect(database_url)
+    try:
+        before = await _index_counters(reader)
+        job = uuid.uuid4()
+        await writer.execute(INSERT_WITHOUT_HASH, job, 1, uuid.uuid4(), "export:queued", "{}")
+        for seq in range(2, 301):
+            await writer.execute(
+                INSERT_WITHOUT_HASH, job, seq, uuid.uuid4(), "export:progress", PROGRESS_JSON
+            )
+        await writer.execute("SELECT pg_stat_force_next_flush()")
+        after = before
+
+        async def flushed() -> bool:
+            nonlocal after
+            after = await _index_counters(reader)
+            return (
+                after.get("events_job_seq", (0, 0))[0]
+                >= before.get("events_job_seq", (0, 0))[0] + 299
+            )
+
+        await wait_for(flushed, timeout=30, interval=0.05)
+        walked = after["events_job_position"][1] - before.get("events_job_position", (0, 0))[1]
+        assert walked < 300, f"the lookups read {walked} rows through (job_id, position)"
+        assert await writer.fetchval("SELECT max(seq) FROM events WHERE job_id = $1", job) == 300
+    finally:
+        await writer.close()
+        await reader.close()
