@@ -304,7 +304,7 @@ class Gateway:
             poll_interval=self.config.poll_interval,
         )
         self._tail_task = asyncio.create_task(self._tailer.run(), name="gateway-tailer")
-        for task in (self._tail_task, self._reader_task, self._heartbeat_task):
+        for task in (self._tail_task, self._reader_task, self._heartbeat_task, self._gc_task):
             if task is not None:
                 task.add_done_callback(_report_death)
         self._server = await serve(
