@@ -225,10 +225,8 @@ class Subscription:
             return []
         actions: list[Action] = []
         start = -1
-        job_id = self.job_id
         for i, event in enumerate(events):
-            if event.job_id != job_id:
-                raise SubscriptionError(f"event of job {event.job_id}, not {job_id}")
+            self._check_job(event)
             if event.seq <= self._delivered:
                 continue
             if event.seq != self._delivered + 1:
