@@ -780,7 +780,7 @@ def choices_table(report: Report) -> Table:
     return table
 
 
-def _group_notes(report: Report) -> list[str]:
+def _group_notes(report: Report, cpus: int | None = None) -> list[str]:
     settings = report.settings
     n = settings.many
     lines: list[str] = []
@@ -828,7 +828,47 @@ def _group_notes(report: Report) -> list[str]:
             "Group commit, closed loop (each job waits for its append before the next; the "
             f"most the log takes at that concurrency): {points}."
         )
+    budget = cpu_budget(report, cpus)
+    if budget is not None:
+        lines.append(_budget_note(budget))
     return lines
+
+
+def cpu_budget(report: Report, cpus: int | None) -> dict[str, Any] | None:
+    """What one append costs in CPU at the largest closed-loop concurrency, and the rate that
+    cost allows on this machine's CPUs: the ceiling every other group-commit figure runs into,
+    as a cost per append, which a noisy shared machine changes far less than a rate."""
+    jobs = max(report.settings.group_sweep, default=0)
+    sample = report.samples.get(f"group_closed_{jobs}")
+    if not cpus or sample is None or sample.events <= 0 or sample.machine_busy_cores is None:
+        return None
+    per_event = sample.machine_busy_cores * sample.seconds / sample.events * 1e6
+    client = sample.client_cpu_seconds / sample.events * 1e6
+    if per_event <= 0:
+        return None
+    return {
+        "jobs": jobs,
+        "cpus": cpus,
+        "machine_cpu_us_per_append": round(per_event, 1),
+        "client_cpu_us_per_append": round(client, 1),
+        "elsewhere_cpu_us_per_append": round(max(0.0, per_event - client), 1),
+        "ceiling_events_per_s": round(cpus / per_event * 1e6),
+        "goal_events_per_s": report.settings.group_rate,
+        "goal_cpu_us_per_append": round(cpus / report.settings.group_rate * 1e6, 1),
+    }
+
+
+def _budget_note(budget: dict[str, Any]) -> str:
+    return (
+        f"Group commit, CPU per append at {budget['jobs']:,} jobs (closed loop): "
+        f"{budget['machine_cpu_us_per_append']:.0f} µs in all on this machine, "
+        f"{budget['client_cpu_us_per_append']:.0f} µs in this process (the event log and its "
+        f"writers) and {budget['elsewhere_cpu_us_per_append']:.0f} µs elsewhere (PostgreSQL, "
+        f"mostly); on {budget['cpus']} CPUs that allows about "
+        f"{budget['ceiling_events_per_s']:,} events/s, and "
+        f"{budget['goal_events_per_s']:,.0f} events/s would need at most "
+        f"{budget['goal_cpu_us_per_append']:.0f} µs."
+    )
 
 
 def _sustained(report: Report) -> tuple[float, Sample] | None:
@@ -843,8 +883,9 @@ def _sustained(report: Report) -> tuple[float, Sample] | None:
     return None
 
 
-def group_commit_json(report: Report) -> dict[str, Any]:
-    """The keys `bench.plots` and the summary read: the goal's figure and the sweep."""
+def group_commit_json(report: Report, cpus: int | None = None) -> dict[str, Any]:
+    """The keys `bench.plots` and the summary read: the goal's figure, the sweep and the CPU
+    an append costs."""
     n = report.settings.many
     raw = report.samples.get(f"raw_insert_{n}")
     raw_rate = round(raw.events_per_s, 1) if raw is not None else None
@@ -887,12 +928,13 @@ def group_commit_json(report: Report) -> dict[str, Any]:
         for jobs in report.settings.group_sweep
         if (sample := report.samples.get(f"group_closed_{jobs}")) is not None
     ]
+    payload["cpu_budget"] = cpu_budget(report, cpus)
     return payload
 
 
-def _notes(report: Report) -> list[str]:
+def _notes(report: Report, cpus: int | None = None) -> list[str]:
     lines: list[str] = []
-    lines.extend(_group_notes(report))
+    lines.extend(_group_notes(report, cpus))
     tail = report.samples.get("tail")
     if tail is not None:
         state = "every event" if tail.extra.get("complete") else "stopped at the time budget"
@@ -933,7 +975,9 @@ def render(
         f"cores on average: this process, and the whole machine ({machine.get('cpu_count')} "
         f"CPUs, server included)."
     )
-    figures, choices, notes = figures_table(report), choices_table(report), _notes(report)
+    cpus = machine.get("cpu_count")
+    figures, choices = figures_table(report), choices_table(report)
+    notes = _notes(report, cpus)
     loads = [machine.get("idle_load_before"), machine.get("idle_load_after")]
     if any(load is not None for load in loads):
         shown = " / ".join("—" if load is None else f"{load:.2f}" for load in loads)
@@ -1001,7 +1045,7 @@ def render(
             }
             for label, with_key, without_key in _choices(report)
         },
-        **group_commit_json(report),
+        **group_commit_json(report, cpus),
         "log": report.log_stats,
         "notes": notes,
     }

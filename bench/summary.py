@@ -220,6 +220,28 @@ def appends_rows(data: Mapping[str, Any]) -> list[Row]:
                 "none of the rates tried",
             )
         )
+    budget = data.get("cpu_budget")
+    if isinstance(budget, Mapping):
+        total = _number(budget.get("machine_cpu_us_per_append"))
+        client = _number(budget.get("client_cpu_us_per_append"))
+        ceiling = _number(budget.get("ceiling_events_per_s"))
+        allowed = _number(budget.get("goal_cpu_us_per_append"))
+        if total is not None and client is not None and ceiling is not None:
+            rows.append(
+                Row(
+                    "appends",
+                    f"group commit: CPU per append, {budget.get('jobs', 0):,} jobs closed loop",
+                    f"{total:.0f} µs ({client:.0f} µs in the writer's process): at most "
+                    f"{_rate(ceiling)} on {budget.get('cpus')} CPUs",
+                    f"the goal's budget: {allowed:.0f} µs" if allowed is not None else "—",
+                    _times(_ratio(total, allowed)),
+                    values={
+                        "cpu_us_per_append": total,
+                        "client_cpu_us_per_append": client,
+                        "ceiling_events_per_s": ceiling,
+                    },
+                )
+            )
     return rows
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from services.common.auth import TokenVerifier
-from services.common.db import create_pool, migrate, pending_migrations
+from services.common.db import check_server_settings, create_pool, migrate, pending_migrations
 from services.common.eventlog import AppendMetrics, EventLog, GroupCommit
 from services.common.notifier import Notifier
 from services.common.timing import within
@@ -58,9 +58,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     notifier = Notifier(config.database_url)
     tasks: list[asyncio.Task[None]] = []
     try:
-        if config.migrate:
-            async with pool.acquire() as conn:
+        async with pool.acquire() as conn:
+            if config.migrate:
                 await migrate(conn)
+            await check_server_settings(conn)
         group = (
             GroupCommit(max_batch=config.append_batch_max, in_flight=config.append_in_flight)
             if config.append_batch_max > 0

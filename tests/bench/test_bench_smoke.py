@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 
 from bench import appends
-from bench.common import machine_info, server_info, write_results
+from bench.common import Sample, machine_info, server_info, write_results
 
 # A fraction of a second per figure, two writers instead of sixteen, a small group commit.
 TINY = appends.Settings(
@@ -78,5 +78,38 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
     assert payload["group_commit"]["events_per_s"] > 0
     assert payload["group_commit"]["raw_events_per_s"] > 0
     assert [point["jobs"] for point in payload["sweep"]] == [1, 5]
+    budget = payload["cpu_budget"]
+    assert budget["jobs"] == 5
+    assert budget["machine_cpu_us_per_append"] > 0
+    assert budget["ceiling_events_per_s"] > 0
+    assert any(note.startswith("Group commit, CPU per append") for note in payload["notes"])
     assert payload["server"]["server_version"]
     assert "| measurement |" in md_path.read_text()
+
+
+def test_the_cpu_budget_is_the_machine_time_of_one_append() -> None:
+    """1.5 busy cores for 2 s over 10,000 appends is 300 us an append, 120 us of it in this
+    process; 2 CPUs then allow 6,667 appends/s, and 20,000/s leaves 100 us for each."""
+    report = appends.Report(settings=appends.Settings(), specs=[])
+    report.samples["group_closed_1000"] = Sample(
+        events=10_000,
+        transactions=50,
+        seconds=2.0,
+        latencies_ms=[1.0],
+        client_cpu_seconds=1.2,
+        machine_busy_cores=1.5,
+    )
+    budget = appends.cpu_budget(report, 2)
+    assert budget == {
+        "jobs": 1000,
+        "cpus": 2,
+        "machine_cpu_us_per_append": 300.0,
+        "client_cpu_us_per_append": 120.0,
+        "elsewhere_cpu_us_per_append": 180.0,
+        "ceiling_events_per_s": 6667,
+        "goal_events_per_s": 20_000.0,
+        "goal_cpu_us_per_append": 100.0,
+    }
+    assert appends.cpu_budget(report, None) is None
+    del report.samples["group_closed_1000"]
+    assert appends.cpu_budget(report, 2) is None

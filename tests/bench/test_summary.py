@@ -127,3 +127,24 @@ def test_the_rate_group_commit_sustains_has_a_row_of_its_own() -> None:
     del data["group_sustained"]
     assert summary.appends_rows(data)[-1].figure.startswith("group commit")
     assert summary.appends_rows(data)[-1].measured == "21,000/s, p99 18.5 ms"
+
+
+def test_the_cpu_an_append_costs_has_a_row_against_the_goals_budget() -> None:
+    data = sample_results.appends()
+    data["cpu_budget"] = {
+        "jobs": 1000,
+        "cpus": 2,
+        "machine_cpu_us_per_append": 200.0,
+        "client_cpu_us_per_append": 95.0,
+        "elsewhere_cpu_us_per_append": 105.0,
+        "ceiling_events_per_s": 10000,
+        "goal_events_per_s": 20000.0,
+        "goal_cpu_us_per_append": 100.0,
+    }
+    row = summary.appends_rows(data)[-1]
+    assert row.figure == "group commit: CPU per append, 1,000 jobs closed loop"
+    assert row.measured == "200 µs (95 µs in the writer's process): at most 10,000/s on 2 CPUs"
+    assert (row.baseline, row.ratio) == ("the goal's budget: 100 µs", "2.00×")
+    data["cpu_budget"] = None
+    assert summary.appends_rows(data)[-1].figure.startswith("group commit")
+    assert "CPU" not in summary.appends_rows(data)[-1].figure

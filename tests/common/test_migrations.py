@@ -8,7 +8,13 @@ import dataclasses
 import asyncpg
 import pytest
 
-from services.common.db import MigrationError, load_migrations, migrate, pending_migrations
+from services.common.db import (
+    MigrationError,
+    check_server_settings,
+    load_migrations,
+    migrate,
+    pending_migrations,
+)
 
 
 async def test_migrations_apply_to_an_empty_database(empty_database_url: str) -> None:
@@ -68,5 +74,20 @@ async def test_a_failing_migration_leaves_nothing_half_done(empty_database_url: 
         assert await conn.fetchval("SELECT to_regclass('half_done')") is None
         recorded = await conn.fetchval("SELECT max(version) FROM schema_migrations")
         assert recorded == good[-1].version
+    finally:
+        await conn.close()
+
+
+async def test_a_server_without_autovacuum_is_reported(database_url: str) -> None:
+    """The projection is rewritten by every append: a server that never vacuums it is named at
+    start-up. track_counts can be switched off for one session; autovacuum needs it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        vacuums = await conn.fetchval("SELECT current_setting('autovacuum')::boolean")
+        warnings = await check_server_settings(conn)
+        assert len(warnings) == (0 if vacuums else 1)
+        await conn.execute("SET track_counts = off")
+        (warning,) = await check_server_settings(conn)
+        assert warning.startswith("autovacuum is off")
     finally:
         await conn.close()
