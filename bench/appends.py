@@ -96,8 +96,9 @@ class Settings:
     group_rate: float = 20_000.0
     group_max_batch: int = 500
     group_in_flight: int = 4
+    group_min_alongside: int = 32
     group_seconds: float = 5.0
-    group_lower_rates: tuple[float, ...] = (15_000.0, 10_000.0, 7_500.0, 5_000.0)
+    group_lower_rates: tuple[float, ...] = (15_000.0, 10_000.0, 7_500.0, 5_000.0, 2_500.0)
     """Offered rates tried below the goal's: the highest one kept with p99 < 20 ms is what the
     log sustains on this machine."""
     group_sweep: tuple[int, ...] = (1, 10, 100, 1000)
@@ -333,7 +334,9 @@ def _group_log(shared: asyncpg.Pool, settings: Settings) -> EventLog:
         shared,
         notify=False,
         group_commit=GroupCommit(
-            max_batch=settings.group_max_batch, in_flight=settings.group_in_flight
+            max_batch=settings.group_max_batch,
+            in_flight=settings.group_in_flight,
+            min_alongside=settings.group_min_alongside,
         ),
     )
 

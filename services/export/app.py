@@ -63,7 +63,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 await migrate(conn)
             await check_server_settings(conn)
         group = (
-            GroupCommit(max_batch=config.append_batch_max, in_flight=config.append_in_flight)
+            GroupCommit(
+                max_batch=config.append_batch_max,
+                in_flight=config.append_in_flight,
+                min_alongside=config.append_min_alongside,
+            )
             if config.append_batch_max > 0
             else None
         )

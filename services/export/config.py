@@ -32,6 +32,13 @@ class ExportConfig:
     append_in_flight: int = field(
         default=4, metadata={"help": "group commit: append transactions under way at once"}
     )
+    append_min_alongside: int = field(
+        default=32,
+        metadata={
+            "help": "group commit: appends that must be waiting to start a transaction while "
+            "another is under way (fewer leave together when it ends)"
+        },
+    )
     metrics_interval: float = field(
         default=5.0,
         metadata={"help": "seconds between counts of unfinished jobs for /metrics (export_jobs)"},

@@ -61,6 +61,36 @@ async def test_appends_arriving_together_share_transactions(pool: asyncpg.Pool) 
         assert await log.job_state(job) == replay(events)
 
 
+async def test_a_few_appends_wait_for_the_transaction_under_way(pool: asyncpg.Pool) -> None:
+    """While a transaction is under way, fewer than `min_alongside` appends wait for it and then
+    leave together; that many start a transaction of their own at once."""
+    log = EventLog(pool, group_commit=GroupCommit(in_flight=3, min_alongside=5))
+    blocked, *jobs = await _jobs(log, 9)
+    async with pool.acquire() as holder, holder.transaction():
+        # The first transaction waits for this row lock: it stays under way.
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE", blocked)
+        first = asyncio.ensure_future(log.append(blocked, 2, [progress(1)]))
+        await wait_for(lambda: log._in_flight == 1 and not log._waiting)
+        before = (log.batches, log.appends_batched)
+        few = [asyncio.ensure_future(log.append(job, 2, [progress(1)])) for job in jobs[:4]]
+        # Four wait (no second transaction), the fifth starts one with all five.
+        await wait_for(lambda: len(log._waiting) == 4)
+        assert log._in_flight == 1
+        few.append(asyncio.ensure_future(log.append(jobs[4], 2, [progress(1)])))
+        await asyncio.gather(*few)
+        assert (log.batches, log.appends_batched) == (before[0] + 1, before[1] + 5)
+        # Below the threshold again: these wait for the blocked transaction to end.
+        rest = [asyncio.ensure_future(log.append(job, 2, [progress(1)])) for job in jobs[5:8]]
+        await wait_for(lambda: len(log._waiting) == 3)
+        assert not first.done()
+    await first
+    await asyncio.gather(*rest)
+    # They left together, in one transaction after the blocked one.
+    assert (log.batches, log.appends_batched) == (before[0] + 3, before[1] + 5 + 1 + 3)
+    for job in [blocked, *jobs[:8]]:
+        assert [e.seq for e in await log.read_stream(job)] == [1, 2, 3]
+
+
 async def test_a_refused_append_in_a_group_fails_alone(pool: asyncpg.Pool) -> None:
     log = grouped(pool)
     good = await _jobs(log, 20)
