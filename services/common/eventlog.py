@@ -202,9 +202,11 @@ class GroupCommit(msgspec.Struct, frozen=True, kw_only=True):
     none under way the next one starts at once, whatever it carries. Under light load the
     appends that arrive during a transaction then leave together when it ends, instead of each
     starting a small transaction that only queues at the commit-order lock and pays a commit of
-    its own: on 2 cores, 2,500 appends/s offered by 1,000 jobs went from p99 14.5 ms to 4.1 ms,
-    and ten jobs in a closed loop appended 40 % more. Under heavy load this many wait at once
-    and up to `in_flight` transactions run as before."""
+    its own. Measured on 2 cores in interleaved runs (bench/appends.py's loads): while the
+    machine ran fast, 2,500 appends/s from 1,000 jobs went from p99 14.5 ms to 4.1 ms and ten
+    jobs in a closed loop appended 40 % more; while it ran slow, larger batches formed either
+    way and the difference was within the noise. Under heavy load this many wait at once and up
+    to `in_flight` transactions run as before."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.in_flight < 1 or self.min_alongside < 1:
