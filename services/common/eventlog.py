@@ -207,12 +207,18 @@ class GroupCommit(msgspec.Struct, frozen=True, kw_only=True):
     jobs in a closed loop appended 40 % more; while it ran slow, larger batches formed either
     way and the difference was within the noise. Under heavy load this many wait at once and up
     to `in_flight` transactions run as before."""
+    max_wait: float = 0.01
+    """Seconds the oldest waiting append waits for a transaction under way before it starts one
+    of its own all the same: a transaction held up (by a job row another process has locked,
+    say) delays the appends behind it by this much at most, not until `min_alongside` arrive."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.in_flight < 1 or self.min_alongside < 1:
             raise ValueError(
                 "group commit needs max_batch >= 1, in_flight >= 1 and min_alongside >= 1"
             )
+        if not self.max_wait > 0:
+            raise ValueError("group commit needs max_wait > 0")
 
 
 _Waiting = tuple[AppendRequest, "asyncio.Future[AppendResult | EventLogError]"]
@@ -273,6 +279,9 @@ class EventLog:
         dictionaries are read several times per append."""
         self._group = group_commit
         self._waiting: list[_Waiting] = []
+        self._waiting_since = 0.0
+        """Event loop time the oldest waiting append arrived (when any wait)."""
+        self._overdue: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._flushes: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -333,32 +342,52 @@ class EventLog:
     #
     # Appends made without `conn=` queue up. With no transaction under way, everything queued
     # (up to `max_batch`) leaves at once in one `append_many`; with some under way, a further one
-    # starts (up to `in_flight`) only once `min_alongside` appends wait, and otherwise they leave
-    # together when one ends. A lone append therefore leaves at once, with no timer to wait for,
+    # starts (up to `in_flight`) only once `min_alongside` appends wait, or once the oldest has
+    # waited `max_wait`; otherwise they leave together when one ends. A lone append therefore
+    # leaves at once, with no timer to wait for,
     # and under load each transaction carries whatever arrived while the previous ones were
     # committing: one round trip, one commit, one turn at the append lock and one wake-up of
     # readers for all of them.
 
     async def _join_group(self, request: AppendRequest) -> AppendResult | EventLogError:
         future: asyncio.Future[AppendResult | EventLogError]
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._waiting:
+            self._waiting_since = loop.time()
         self._waiting.append((request, future))
         self._start_flushes()
         # Cancelling the caller does not take the append back: it may commit all the same,
         # exactly as a cancelled single append may (retrying with the same event ids is safe).
         return await future
 
-    def _start_flushes(self) -> None:
-        assert self._group is not None
-        while self._waiting and self._in_flight < self._group.in_flight:
-            if self._in_flight and len(self._waiting) < self._group.min_alongside:
-                return  # they leave together when a transaction under way ends
-            batch = self._waiting[: self._group.max_batch]
-            del self._waiting[: self._group.max_batch]
+    def _start_flushes(self, *, overdue: bool = False) -> None:
+        group = self._group
+        assert group is not None
+        loop = asyncio.get_running_loop()
+        while self._waiting and self._in_flight < group.in_flight:
+            if self._in_flight and not overdue and len(self._waiting) < group.min_alongside:
+                # They leave together when a transaction under way ends, or at `max_wait`.
+                if self._overdue is None:
+                    self._overdue = loop.call_at(
+                        self._waiting_since + group.max_wait, self._on_overdue
+                    )
+                return
+            overdue = False
+            batch = self._waiting[: group.max_batch]
+            del self._waiting[: group.max_batch]
+            self._waiting_since = loop.time()  # of what is left, at the earliest
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            task = loop.create_task(self._flush(batch))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
+
+    def _on_overdue(self) -> None:
+        assert self._group is not None
+        self._overdue = None
+        if self._waiting:
+            due = self._waiting_since + self._group.max_wait
+            self._start_flushes(overdue=asyncio.get_running_loop().time() >= due)
 
     async def _flush(self, batch: list[_Waiting]) -> None:
         requests = [request for request, _ in batch]

@@ -67,6 +67,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 max_batch=config.append_batch_max,
                 in_flight=config.append_in_flight,
                 min_alongside=config.append_min_alongside,
+                max_wait=config.append_max_wait,
             )
             if config.append_batch_max > 0
             else None

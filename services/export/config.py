@@ -39,6 +39,13 @@ class ExportConfig:
             "another is under way (fewer leave together when it ends)"
         },
     )
+    append_max_wait: float = field(
+        default=0.01,
+        metadata={
+            "help": "group commit: seconds the oldest waiting append waits for a transaction "
+            "under way before it starts one of its own all the same"
+        },
+    )
     metrics_interval: float = field(
         default=5.0,
         metadata={"help": "seconds between counts of unfinished jobs for /metrics (export_jobs)"},

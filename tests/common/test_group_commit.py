@@ -64,7 +64,7 @@ async def test_appends_arriving_together_share_transactions(pool: asyncpg.Pool) 
 async def test_a_few_appends_wait_for_the_transaction_under_way(pool: asyncpg.Pool) -> None:
     """While a transaction is under way, fewer than `min_alongside` appends wait for it and then
     leave together; that many start a transaction of their own at once."""
-    log = EventLog(pool, group_commit=GroupCommit(in_flight=3, min_alongside=5))
+    log = EventLog(pool, group_commit=GroupCommit(in_flight=3, min_alongside=5, max_wait=600))
     blocked, *jobs = await _jobs(log, 9)
     async with pool.acquire() as holder, holder.transaction():
         # The first transaction waits for this row lock: it stays under way.
@@ -89,6 +89,23 @@ async def test_a_few_appends_wait_for_the_transaction_under_way(pool: asyncpg.Po
     assert (log.batches, log.appends_batched) == (before[0] + 3, before[1] + 5 + 1 + 3)
     for job in [blocked, *jobs[:8]]:
         assert [e.seq for e in await log.read_stream(job)] == [1, 2, 3]
+
+
+async def test_a_held_up_transaction_delays_the_others_by_max_wait_at_most(
+    pool: asyncpg.Pool,
+) -> None:
+    """An append behind a transaction that cannot finish (its job row is locked elsewhere)
+    starts a transaction of its own once it has waited `max_wait`, however few wait."""
+    log = EventLog(pool, group_commit=GroupCommit(in_flight=2, min_alongside=50, max_wait=0.05))
+    blocked, free = await _jobs(log, 2)
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id = $1 FOR UPDATE", blocked)
+        first = asyncio.ensure_future(log.append(blocked, 2, [progress(1)]))
+        await wait_for(lambda: log._in_flight == 1 and not log._waiting)
+        result = await asyncio.wait_for(log.append(free, 2, [progress(1)]), timeout=5)
+        assert result.last_seq == 3
+        assert not first.done()
+    assert (await first).last_seq == 3
 
 
 async def test_a_refused_append_in_a_group_fails_alone(pool: asyncpg.Pool) -> None:
