@@ -89,7 +89,7 @@ def chain_hash(
     if occurred_at.tzinfo is None:
         occurred_at = occurred_at.astimezone(UTC)
     number = b"%d" % seq
-    micros = b"%d" % ((occurred_at - _EPOCH) // _MICROSECOND)
+    micros = b"%d" % epoch_micros(occurred_at)
     kind = type.encode()
     who = actor.encode()
     project = project_id.encode()
