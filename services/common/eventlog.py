@@ -344,10 +344,9 @@ class EventLog:
     # (up to `max_batch`) leaves at once in one `append_many`; with some under way, a further one
     # starts (up to `in_flight`) only once `min_alongside` appends wait, or once the oldest has
     # waited `max_wait`; otherwise they leave together when one ends. A lone append therefore
-    # leaves at once, with no timer to wait for,
-    # and under load each transaction carries whatever arrived while the previous ones were
-    # committing: one round trip, one commit, one turn at the append lock and one wake-up of
-    # readers for all of them.
+    # leaves at once, with no timer to wait for, and under load each transaction carries
+    # whatever arrived while the previous ones were committing: one round trip, one commit, one
+    # turn at the append lock and one wake-up of readers for all of them.
 
     async def _join_group(self, request: AppendRequest) -> AppendResult | EventLogError:
         future: asyncio.Future[AppendResult | EventLogError]
@@ -376,7 +375,8 @@ class EventLog:
             overdue = False
             batch = self._waiting[: group.max_batch]
             del self._waiting[: group.max_batch]
-            self._waiting_since = loop.time()  # of what is left, at the earliest
+            # What is left (more than `max_batch` waited) arrived by now; its wait counts from here.
+            self._waiting_since = loop.time()
             self._in_flight += 1
             task = loop.create_task(self._flush(batch))
             self._flushes.add(task)
