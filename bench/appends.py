@@ -40,6 +40,7 @@ from services.common.eventlog import (
     GroupCommit,
     NewEvent,
 )
+from services.common.ids import uuid7
 from services.common.notifier import Notifier
 from services.common.queries import QUERIES
 
@@ -152,7 +153,7 @@ async def create_jobs(log: EventLog, count: int) -> dict[UUID, int]:
     for start in range(0, count, _SETUP_CHUNK):
         requests = [
             AppendRequest(
-                job_id=uuid4(),
+                job_id=uuid7(),
                 expected_seq=0,
                 events=[
                     NewEvent(data=Queued(requested_by="bench"), actor="user:bench"),
@@ -657,6 +658,47 @@ async def _log_stats(dsn: str) -> dict[str, Any]:
     return dict(row)
 
 
+async def _wal_position(dsn: str) -> tuple[int, int, int]:
+    """The server's WAL written so far (bytes, full-page images) and the log's last position."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT wal_bytes::bigint AS bytes, wal_fpi AS images,"
+            " (SELECT coalesce(max(position), 0) FROM events) AS position FROM pg_stat_wal"
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return row["bytes"], row["images"], row["position"]
+
+
+def _wal_per_event(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, Any]:
+    """WAL per event the measurement wrote to the log, over the whole measurement (its warm-up
+    and the creation of its jobs included; the server's other writers too, if it has any).
+    Nothing for measurements that write no events (the raw baselines, the reads)."""
+    events = after[2] - before[2]
+    if events <= 0:
+        return {}
+    return {
+        "wal_bytes_per_event": round((after[0] - before[0]) / events),
+        "full_page_images_per_1000_events": round((after[1] - before[1]) * 1000 / events, 1),
+    }
+
+
+async def analyze(dsn: str) -> None:
+    """Bring the planner's statistics up to date, as autovacuum does on a running server.
+
+    The figures run one after another in one database that grows, and the generic plans of
+    `append_events` are made from the statistics of the moment: without this, each figure ran
+    on whatever statistics the server happened to have (none at all where autovacuum is off),
+    not on those a deployment of that size would have. Migration 0009 is about such a plan."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE events, jobs")
+    finally:
+        await conn.close()
+
+
 async def measure_all(
     dsn: str, settings: Settings, *, progress: Callable[[str], None] | None = None
 ) -> Report:
@@ -666,7 +708,10 @@ async def measure_all(
     for number, spec in enumerate(report.specs, start=1):
         if progress is not None:
             progress(f"[{number:2}/{len(report.specs)}] {spec.label.strip()} …")
+        await analyze(dsn)
+        before = await _wal_position(dsn)
         sample = await spec.measure(dsn, settings)
+        sample.extra.update(_wal_per_event(before, await _wal_position(dsn)))
         report.samples[spec.key] = sample
         if progress is not None:
             progress(
@@ -849,7 +894,7 @@ def cpu_budget(report: Report, cpus: int | None) -> dict[str, Any] | None:
     client = sample.client_cpu_seconds / sample.events * 1e6
     if per_event <= 0:
         return None
-    return {
+    budget = {
         "jobs": jobs,
         "cpus": cpus,
         "machine_cpu_us_per_append": round(per_event, 1),
@@ -859,6 +904,10 @@ def cpu_budget(report: Report, cpus: int | None) -> dict[str, Any] | None:
         "goal_events_per_s": report.settings.group_rate,
         "goal_cpu_us_per_append": round(cpus / report.settings.group_rate * 1e6, 1),
     }
+    for key in ("wal_bytes_per_event", "full_page_images_per_1000_events"):
+        if key in sample.extra:
+            budget[key] = sample.extra[key]
+    return budget
 
 
 def _budget_note(budget: dict[str, Any]) -> str:
@@ -871,6 +920,12 @@ def _budget_note(budget: dict[str, Any]) -> str:
         f"{budget['ceiling_events_per_s']:,} events/s, and "
         f"{budget['goal_events_per_s']:,.0f} events/s would need at most "
         f"{budget['goal_cpu_us_per_append']:.0f} µs."
+        + (
+            f" Each append wrote {budget['wal_bytes_per_event']:,} bytes of WAL "
+            f"({budget['full_page_images_per_1000_events']} full-page images per 1,000)."
+            if "wal_bytes_per_event" in budget
+            else ""
+        )
     )
 
 

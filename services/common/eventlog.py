@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 import msgspec
@@ -24,6 +24,7 @@ from schemas.chain import GENESIS_HASH, BrokenLink, chain_hash, verify_chain
 from schemas.events import Event, EventData, encode_data, type_of
 from schemas.state import JobState, fold, replay
 
+from .ids import uuid7
 from .queries import QUERIES
 from .verify import RangeVerifyReport, chain_link, verify_range
 
@@ -68,7 +69,7 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
 
     data: EventData
     actor: str
-    event_id: UUID = msgspec.field(default_factory=uuid4)
+    event_id: UUID = msgspec.field(default_factory=uuid7)
     occurred_at: datetime = msgspec.field(default_factory=utcnow)
 
 

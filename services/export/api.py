@@ -26,6 +26,7 @@ from schemas.messages import message
 from schemas.state import JobState
 from services.common.auth import AuthError, Principal, bearer_token
 from services.common.eventlog import ConflictError, JobClosedError, NewEvent
+from services.common.ids import uuid7
 from services.common.queries import QUERIES
 from services.common.web import error_response, json_response
 
@@ -247,7 +248,7 @@ async def start_export(request: web.Request) -> web.Response:
     request_hash = hashlib.sha256(msgspec.json.encode(options)).hexdigest()
 
     eventlog = request.app[EVENTLOG]
-    job_id = uuid.uuid4()
+    job_id = uuid7()  # sorts by creation: see services/common/ids.py
     async with request.app[POOL].acquire() as conn, conn.transaction():
         if key is not None:
             stored = await conn.fetchval(

@@ -82,6 +82,7 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
     assert budget["jobs"] == 5
     assert budget["machine_cpu_us_per_append"] > 0
     assert budget["ceiling_events_per_s"] > 0
+    assert budget["wal_bytes_per_event"] > 0
     assert any(note.startswith("Group commit, CPU per append") for note in payload["notes"])
     assert payload["server"]["server_version"]
     assert "| measurement |" in md_path.read_text()
@@ -110,6 +111,16 @@ def test_the_cpu_budget_is_the_machine_time_of_one_append() -> None:
         "goal_events_per_s": 20_000.0,
         "goal_cpu_us_per_append": 100.0,
     }
+    report.samples["group_closed_1000"].extra.update(
+        wal_bytes_per_event=2300, full_page_images_per_1000_events=12.5
+    )
+    budget = appends.cpu_budget(report, 2)
+    assert budget is not None
+    assert (budget["wal_bytes_per_event"], budget["full_page_images_per_1000_events"]) == (
+        2300,
+        12.5,
+    )
+    assert "2,300 bytes of WAL (12.5 full-page images per 1,000)" in appends._budget_note(budget)
     assert appends.cpu_budget(report, None) is None
     del report.samples["group_closed_1000"]
     assert appends.cpu_budget(report, 2) is None

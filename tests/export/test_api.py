@@ -77,10 +77,12 @@ async def test_an_export_runs_to_completion_and_matches_the_log(client: Client) 
     accepted = await start(client)
     assert accepted["seq"] == 1
     job_id = accepted["jobId"]
+    assert uuid.UUID(job_id).version == 7  # ids sort by creation (services/common/ids.py)
     body = await wait_status(client, job_id, {"completed", "failed"})
     assert body["state"]["status"] == "completed", body
     log = await events(client, job_id)
     assert [e.seq for e in log] == list(range(1, len(log) + 1))
+    assert {e.event_id.version for e in log} == {7}
     assert msgspec.convert(body["state"], JobState) == replay(log)
     types = [e.type for e in log]
     assert types[:2] == ["export:queued", "export:started"]

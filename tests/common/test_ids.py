@@ -1,0 +1,44 @@
+"""The ids the services make for events and jobs: UUID version 7, in the order they were made."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from services.common.eventlog import NewEvent
+from services.common.ids import uuid7
+from tests.support import progress
+
+
+def test_an_id_is_a_version_7_uuid_of_the_rfc_variant() -> None:
+    value = uuid7()
+    assert value.version == 7
+    assert value.variant == uuid.RFC_4122
+    assert uuid.UUID(str(value)) == value
+
+
+def test_an_id_carries_the_millisecond_it_was_made() -> None:
+    before = time.time_ns() // 1_000_000
+    value = uuid7()
+    after = time.time_ns() // 1_000_000
+    assert before <= value.int >> 80 <= after
+
+
+def test_ids_made_one_after_another_sort_in_that_order() -> None:
+    made = [uuid7() for _ in range(20_000)]
+    assert made == sorted(made)
+    assert len(set(made)) == len(made)
+    # Their database order is the same: PostgreSQL compares uuids by their bytes.
+    assert [m.bytes for m in made] == sorted(m.bytes for m in made)
+
+
+def test_ids_made_in_one_millisecond_differ_in_their_random_bits() -> None:
+    made = [uuid7() for _ in range(2_000)]
+    random_parts = {m.int & ((1 << 62) - 1) for m in made}
+    assert len(random_parts) == len(made)
+
+
+def test_new_events_get_a_version_7_id_unless_given_one() -> None:
+    assert NewEvent(data=progress(1).data, actor="t").event_id.version == 7
+    given = uuid.uuid4()
+    assert NewEvent(data=progress(1).data, actor="t", event_id=given).event_id == given
