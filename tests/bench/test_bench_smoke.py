@@ -124,3 +124,32 @@ def test_the_cpu_budget_is_the_machine_time_of_one_append() -> None:
     assert appends.cpu_budget(report, None) is None
     del report.samples["group_closed_1000"]
     assert appends.cpu_budget(report, 2) is None
+
+
+async def test_a_checkpoint_during_a_figure_is_marked(database_url: str) -> None:
+    """A checkpoint that completes while a figure runs is found from the server's control data
+    and marked beside that figure's p99, with a note saying what it does to latency."""
+    before = await appends._server_mark(database_url)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    after = await appends._server_mark(database_url)
+    assert appends._server_figures(before, after)["checkpoint_completed"] is True
+    assert appends._server_figures(after, after)["checkpoint_completed"] is False
+
+    report = appends.Report(settings=TINY, specs=appends.plan(TINY))
+    spec = report.specs[0]
+    report.samples[spec.key] = Sample(
+        events=10,
+        transactions=10,
+        seconds=1.0,
+        latencies_ms=[1.0, 250.0],
+        client_cpu_seconds=0.1,
+        extra={"checkpoint_completed": True},
+    )
+    assert appends.CHECKPOINT_MARK in appends.figures_table(report).text()
+    assert any(
+        "checkpoint of the server completed during 1 of" in n for n in appends._notes(report)
+    )
