@@ -5,9 +5,11 @@ Event ids and job ids are keys of btree indexes that grow with the log: `events_
 leaf of its index, so once an index outgrows the server's buffers nearly every append reads a page
 back in, and after each checkpoint it writes that page whole into the WAL before changing it. An
 id made from the clock lands at the right-hand end, where the last appends already brought the
-page in. Measured on a log of 3 million events (`bench/appends.py`'s closed loop of 1,000 jobs,
-each run just after a checkpoint): 15,000 to 16,700 full-page images per run with random event
-ids, 4,500 to 5,500 with these, and 35 % less WAL in all.
+page in. Measured on a log of 4 million events (`bench/appends.py`'s closed loop of 1,000 new
+jobs for 6.5 s, each run just after a checkpoint, three runs of each interleaved): with random job
+and event ids 20,100 to 21,900 full-page images per run, about 4.4 kB of WAL per append and
+6,300 to 9,400 events/s; with these 2,050 to 2,090 images, about 2.6 kB and 10,400 to 12,300
+events/s.
 
 Layout: 48 bits of Unix time in milliseconds, the version (7), 12 bits of the time within the
 millisecond (RFC 9562 section 6.2, method 3: ids made by one process sort in the order they were
