@@ -1021,11 +1021,12 @@ def _notes(report: Report, cpus: int | None = None) -> list[str]:
         lines.append(
             f"{CHECKPOINT_MARK.strip()} A checkpoint of the server completed during "
             f"{len(marked)} of these figures. Its last step flushes the data files, and commits "
-            "wait behind it (150 to 250 ms measured here with the checkpoint forced during an "
-            "open loop at 5,000 events/s, whose p99 was 22 ms without it), so that figure's "
-            "p99 shows the server's checkpoints as much as the log. Appends write about 2.3 kB "
-            "of WAL each, so with the default max_wal_size of 1 GB a run this long checkpoints "
-            "a few times; deploy/README.md says how to space them out."
+            "wait behind it (172 ms on the machine of the README's figures, a checkpoint forced "
+            "during an open loop at 5,000 events/s whose p99 was 22 ms without it), so that "
+            "figure's p99 shows the server's checkpoints as much as the log. The server starts "
+            "one when max_wal_size of WAL (1 GB by default) has been written since the last, "
+            "and every append writes WAL (see the CPU note); deploy/README.md says how to space "
+            "them out."
         )
     tail = report.samples.get("tail")
     if tail is not None:
