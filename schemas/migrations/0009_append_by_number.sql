@@ -206,7 +206,8 @@ BEGIN
            CASE WHEN v_outcome[p.no] = 'ok' THEN p.last_pos
                 WHEN p.n_stored = a_counts[p.no] THEN p.stored_last END
       FROM per_append p
-     -- Evaluated once (an init plan), so that the update and the NOTIFY happen.
+     -- Evaluated once (an init plan), so that the NOTIFY is sent; the update runs in any
+     -- case, as every data-modifying WITH query does.
      WHERE (SELECT n FROM notified) IS NOT NULL
      ORDER BY p.no;
 
