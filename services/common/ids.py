@@ -12,9 +12,10 @@ and event ids 20,100 to 21,900 full-page images per run, about 4.4 kB of WAL per
 events/s.
 
 Layout: 48 bits of Unix time in milliseconds, the version (7), 12 bits of the time within the
-millisecond (RFC 9562 section 6.2, method 3: ids made by one process sort in the order they were
-made), the variant, and 62 random bits. The id tells when it was made, to the millisecond; a
-job's creation time is no secret from anyone who may see the job.
+millisecond (RFC 9562 section 6.2, method 3: ids made more than about 0.25 µs apart sort in the
+order they were made, and a call takes longer than that), the variant, and 62 random bits. The
+id tells when it was made, to the millisecond; a job's creation time is no secret from anyone who
+may see the job.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ _NS_PER_MS = 1_000_000
 
 
 def uuid7() -> UUID:
-    """A new UUID version 7, later in order than the ones this process made before it (while the
-    clock does not go back)."""
+    """A new UUID version 7, later in order than the ones made before it in this process (while
+    the clock does not go back; two threads within the same 0.25 µs compare by random bits)."""
     ms, within = divmod(time.time_ns(), _NS_PER_MS)
     fraction = within * 4096 // _NS_PER_MS
     random = int.from_bytes(os.urandom(8), "big") & _RANDOM_BITS
