@@ -212,26 +212,25 @@ async def test_a_job_twice_in_one_group_is_written_in_order(pool: asyncpg.Pool) 
     assert (await log.verify(job)).ok
 
 
+_APPEND_EVENTS = (
+    "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16)"
+)
+
+
 async def test_the_database_refuses_one_job_twice_in_one_call(pool: asyncpg.Pool) -> None:
     log = EventLog(pool)
     job = await new_job(log)
     async with pool.acquire() as conn:
         with pytest.raises(asyncpg.PostgresError) as info:
             await conn.fetch(
-                "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                " $13, $14, $15, $16)",
+                _APPEND_EVENTS,
                 [job, job], [2, 3], [1, 1], ["", ""], ["", ""], ["running", "running"],
                 ["{}", "{}"], [1, 2], [uuid.uuid4(), uuid.uuid4()],
                 ["export:progress"] * 2, ["{}"] * 2, ["t"] * 2, [datetime.now(UTC)] * 2,
                 [3, 4], [None, None], [None, None],
             )  # fmt: skip
     assert info.value.sqlstate == "22023"
-
-
-_APPEND_EVENTS = (
-    "SELECT * FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16)"
-)
 
 
 @pytest.mark.parametrize(
