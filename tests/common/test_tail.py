@@ -16,6 +16,7 @@ import uuid
 import asyncpg
 
 from services.common.eventlog import EventLog
+from services.common.queries import QUERIES
 from tests.support import new_job, progress, wait_for
 
 
@@ -166,3 +167,54 @@ async def test_the_tail_follows_commit_order_not_start_order(pool: asyncpg.Pool)
     seen = await log.tail(cursor)
     assert [e.job_id for e in seen] == [late, early]
     assert seen[0].position < seen[1].position
+
+
+# -- reading one project's stream -----------------------------------------------------------
+
+
+async def _plan(conn: asyncpg.Connection, sql: str, literals: str, *, generic: bool) -> str:
+    """The plan of a prepared statement for these arguments, or its generic plan (the one
+    PostgreSQL may settle on after a few executions, made without the values)."""
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    await conn.execute(f"SET plan_cache_mode = {mode}; PREPARE probe AS {sql}")
+    try:
+        rows = await conn.fetch(f"EXPLAIN EXECUTE probe({literals})")
+    finally:
+        await conn.execute("DEALLOCATE probe; RESET plan_cache_mode")
+    return "\n".join(row[0] for row in rows)
+
+
+async def test_a_small_projects_stream_is_read_through_its_index_whatever_the_plan(
+    pool: asyncpg.Pool,
+) -> None:
+    """A project with few events in a log of many others: a page of its stream (`project_tail`,
+    and the gateway's `project_pages`) must read that project's events, not walk the log from
+    the cursor and skip the rest. Written as "project_id = $1 AND position > $2", the generic
+    plan of the prepared statement did just that, and the gateway's walk did it in every plan."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            # Rows for the planner's statistics only; the checks of the log are not the point.
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
+                "INSERT INTO events (job_id, seq, event_id, type, data, actor, project_id,"
+                " owner_id, occurred_at, prev_hash, hash)"
+                " SELECT gen_random_uuid(), 1, gen_random_uuid(), 'export:progress', '{}', 'w',"
+                " CASE WHEN g % 1000 = 0 THEN 'small' ELSE 'big-' || g % 3 END, 'o', now(),"
+                " '\\x00', '\\x00' FROM generate_series(1, 30000) AS g"
+            )
+        await conn.execute("ANALYZE events")
+        tail = QUERIES["project_tail"].strip().rstrip(";")
+        walk = QUERIES["project_pages"].strip().rstrip(";")
+        for generic in (False, True):
+            for plan in (
+                await _plan(conn, tail, "'small', 0, 100", generic=generic),
+                await _plan(conn, walk, "'{small,big-1}', '{0,0}', '{100,100}'", generic=generic),
+            ):
+                assert "events_project_position" in plan, plan
+                assert "events_pkey" not in plan, plan
+        rows = await conn.fetch(QUERIES["project_tail"], "small", 0, 100)
+        assert len(rows) == 30
+        assert [r["position"] for r in rows] == sorted(r["position"] for r in rows)
+        assert {r["project_id"] for r in rows} == {"small"}
+        later = await conn.fetch(QUERIES["project_tail"], "small", rows[9]["position"], 5)
+        assert [r["position"] for r in later] == [r["position"] for r in rows[10:15]]

@@ -478,9 +478,9 @@ async def test_pages_walk_an_index_in_position_order(
             assert "Seq Scan" not in plan, (query, plan)
 
         # The driver keeps each statement prepared, and PostgreSQL may then settle on a generic
-        # plan, made without the values, which for most of these walks the primary key through
-        # the rest of the log. Forced here on the session, it must not reach a page: the plans
-        # PostgreSQL makes for the pages (debug_print_plan) scan the index above.
+        # plan, made without the values, which walked the primary key through the rest of the
+        # log for a job, a project or an actor. Forced here, the generic plans PostgreSQL makes
+        # for the pages (debug_print_plan prints each as it is made) scan the index above.
         oids = {
             row["relname"]: row["oid"]
             for row in await conn.fetch(
@@ -499,16 +499,21 @@ async def test_pages_walk_an_index_in_position_order(
         )
         conn.add_log_listener(listen)
         try:
+            planned: set[str] = set()
             for query, index in cases:
-                for _ in range(3):
-                    plans.clear()
-                    await audit.fetch_page(conn, query, 1000, 100)
-                    scanned = {
-                        int(oid) for plan in plans for oid in re.findall(r":indexid (\d+)", plan)
-                    }
-                    assert oids[index] in scanned, (query, index, scanned)
-                    if index != "events_pkey":
-                        assert oids["events_pkey"] not in scanned, (query, scanned)
+                built = audit.page_sql(query, 1000, 100)
+                assert built is not None
+                if built[0] in planned:
+                    continue  # the same statement: its plan, made once, was checked
+                planned.add(built[0])
+                plans.clear()
+                await audit.fetch_page(conn, query, 1000, 100)
+                scanned = {
+                    int(oid) for plan in plans for oid in re.findall(r":indexid (\d+)", plan)
+                }
+                assert oids[index] in scanned, (query, index, scanned)
+                if index != "events_pkey":
+                    assert oids["events_pkey"] not in scanned, (query, scanned)
         finally:
             conn.remove_log_listener(listen)
             await conn.execute(
