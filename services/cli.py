@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("--from", dest="first", type=int, help="first log position")
     verify.add_argument("--to", dest="last", type=int, help="last log position (default: head)")
     token = commands.add_parser(
-        "token", help="print a token signed with JWT_SECRET (or the development secret)"
+        "token",
+        help="print a token signed with the export service's secret (EXPORT_JWT_SECRET, else "
+        "JWT_SECRET, else the development secret)",
     )
     token.add_argument("--user", default="dev")
     token.add_argument("--project", action="append", dest="projects", default=[])
@@ -414,7 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("start", "cancel", "follow", "history", "events"):
         sys.exit(_user_command(args, config))
     if args.command == "token":
-        secret = os.environ.get("JWT_SECRET") or _dev_secret(Path(config.data_dir))
+        # The export service's own order: its prefixed variable, then the shared one.
+        secret = (
+            os.environ.get("EXPORT_JWT_SECRET")
+            or os.environ.get("JWT_SECRET")
+            or _dev_secret(Path(config.data_dir))
+        )
         print(
             issue_token(
                 secret,

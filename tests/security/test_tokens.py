@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 
+from services.common.auth import TokenVerifier
 from services.gateway.clients import CLOSE_AUTH_FAILED
 from tests.export.conftest import SECRET, Client, ClientFactory
 from tests.security.conftest import Refused, open_socket, running_gateway
@@ -131,3 +136,35 @@ async def test_without_an_audience_configured_the_gateway_ignores_it(
         with pytest.raises(Refused) as refused:
             await open_socket(gateway, signed())
         assert refused.value.code == CLOSE_AUTH_FAILED
+
+
+@pytest.mark.parametrize(
+    ("environ", "signed_with"),
+    [
+        ({"EXPORT_JWT_SECRET": "e" * 32, "JWT_SECRET": "s" * 32}, "e" * 32),
+        ({"JWT_SECRET": "s" * 32}, "s" * 32),
+    ],
+)
+def test_the_token_command_signs_with_the_export_services_secret(
+    environ: dict[str, str], signed_with: str, tmp_path: Path
+) -> None:
+    """`exportlog token` reads the secret as the export service does: its own variable first.
+    Reading only JWT_SECRET, it signed with another secret than a deployment configured with
+    EXPORT_JWT_SECRET, and every token it printed was refused."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("EXPORT_JWT_SECRET", "JWT_SECRET")
+    }
+    env.update(environ, EXPORTLOG_DATA_DIR=str(tmp_path))
+    printed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "token", "--user", "carol", "--project", "p1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    principal = TokenVerifier(secret=signed_with).verify(printed)
+    assert principal.user_id == "carol"
+    assert principal.projects == frozenset({"p1"})
