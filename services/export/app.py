@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from services.common.auth import TokenVerifier
 from services.common.db import check_server_settings, create_pool, migrate, pending_migrations
 from services.common.eventlog import AppendMetrics, EventLog, GroupCommit
+from services.common.logs import quiet_unparsable_requests
 from services.common.notifier import Notifier
 from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
@@ -180,6 +181,7 @@ def create_app(config: ExportConfig) -> web.Application:
     retention_seconds(config)  # refuse a bad EXPORT_ARCHIVE_RETENTION before serving
     webroot.check_web_root(config.web_root)
     http_metrics = HttpMetrics(CollectorRegistry(), "export")
+    quiet_unparsable_requests()
     app = web.Application(
         middlewares=[
             error_middleware(http_metrics),

@@ -6,6 +6,7 @@ tests/gateway/test_protocol.py.)"""
 from __future__ import annotations
 
 import json
+import logging
 
 import asyncpg
 import pytest
@@ -64,14 +65,22 @@ def test_every_operation_that_reads_a_body_documents_413() -> None:
         assert f"{MAX_BODY} bytes" in operation["responses"]["413"]["description"]
 
 
-async def test_a_request_line_over_8190_bytes_is_refused_before_any_route(api: Client) -> None:
+async def test_a_request_line_over_8190_bytes_is_refused_before_any_route(
+    api: Client, caplog: pytest.LogCaptureFixture
+) -> None:
     base = "/projects/demo/export/history?limit=5&pad="
     fits = base + "x" * (MAX_LINE - len(base) - len("GET  HTTP/1.1") - 10)
     response = await api.get(fits, headers=auth())
     assert response.status == 200
-    response = await api.get(base + "x" * MAX_LINE, headers=auth())
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        response = await api.get(base + "x" * MAX_LINE, headers=auth())
     assert response.status == 400
     assert response.content_type == "text/plain"
+    # The client's mistake, not the server's: one line at INFO with the reason, no traceback.
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelname, r.exc_info) for r in logged] == [("INFO", None)], logged
+    assert "400" in logged[0].getMessage()
+    assert "8190 bytes" in logged[0].getMessage(), logged[0].getMessage()
     documented = build_openapi()["paths"]["/projects/{project_id}/export/history"]["get"]
     assert "text/plain" in documented["responses"]["400"]["content"]
 
