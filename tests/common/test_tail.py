@@ -173,13 +173,23 @@ async def test_the_tail_follows_commit_order_not_start_order(pool: asyncpg.Pool)
 # -- reading one project's stream -----------------------------------------------------------
 
 
-async def _plan(conn: asyncpg.Connection, sql: str, literals: str, *, generic: bool) -> str:
-    """The plan of a prepared statement for these arguments, or its generic plan (the one
-    PostgreSQL may settle on after a few executions, made without the values)."""
+async def _plan(
+    conn: asyncpg.Connection, sql: str, literals: str | None = None, *, generic: bool
+) -> str:
+    """The plan of a prepared statement for these arguments (None: a NULL for each parameter,
+    enough for a generic plan), or its generic plan (the one PostgreSQL may settle on after a
+    few executions, made without the values)."""
     mode = "force_generic_plan" if generic else "force_custom_plan"
     await conn.execute(f"SET plan_cache_mode = {mode}; PREPARE probe AS {sql}")
     try:
-        rows = await conn.fetch(f"EXPLAIN EXECUTE probe({literals})")
+        if literals is None:
+            count = await conn.fetchval(
+                "SELECT cardinality(parameter_types) FROM pg_prepared_statements"
+                " WHERE name = 'probe'"
+            )
+            literals = ", ".join(["NULL"] * count)
+        arguments = f"({literals})" if literals else ""
+        rows = await conn.fetch(f"EXPLAIN EXECUTE probe{arguments}")
     finally:
         await conn.execute("DEALLOCATE probe; RESET plan_cache_mode")
     return "\n".join(row[0] for row in rows)
@@ -226,25 +236,11 @@ async def test_no_named_query_walks_the_log_to_filter_it_whatever_the_plan(
     large log is a walk through all of it for each call."""
     async with pool.acquire() as conn:
         await _skewed_log(conn)
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
-        try:
-            walks: dict[str, list[str]] = {}
-            for name, sql in QUERIES.items():
-                await conn.execute(f"PREPARE probe AS {sql}")
-                try:
-                    count = await conn.fetchval(
-                        "SELECT cardinality(parameter_types) FROM pg_prepared_statements"
-                        " WHERE name = 'probe'"
-                    )
-                    arguments = f"({', '.join(['NULL'] * count)})" if count else ""
-                    rows = await conn.fetch(f"EXPLAIN EXECUTE probe{arguments}")
-                finally:
-                    await conn.execute("DEALLOCATE probe")
-                found = _log_walks("\n".join(row[0] for row in rows))
-                if found:
-                    walks[name] = found
-        finally:
-            await conn.execute("RESET plan_cache_mode")
+        walks: dict[str, list[str]] = {}
+        for name, sql in QUERIES.items():
+            found = _log_walks(await _plan(conn, sql, generic=True))
+            if found:
+                walks[name] = found
     assert len(QUERIES) > 30  # every query was planned
     assert walks == {}
 
