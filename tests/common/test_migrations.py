@@ -91,3 +91,21 @@ async def test_a_server_without_autovacuum_is_reported(database_url: str) -> Non
         assert warning.startswith("autovacuum is off")
     finally:
         await conn.close()
+
+
+async def test_the_append_function_keeps_its_settings(database_url: str) -> None:
+    """append_events runs with settings of its own (0007, 0011). A later migration that
+    replaces the function with CREATE OR REPLACE keeps only the settings it restates: this names
+    any it dropped."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        config = await conn.fetchval(
+            "SELECT proconfig FROM pg_proc WHERE oid = 'append_events'::regproc"
+        )
+        assert set(config) >= {
+            "plan_cache_mode=force_generic_plan",  # planned once per session, by index (0007)
+            "enable_seqscan=off",
+            "backend_flush_after=256kB",  # evicted pages written as they go (0011)
+        }
+    finally:
+        await conn.close()
