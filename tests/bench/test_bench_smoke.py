@@ -60,6 +60,7 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
             "SELECT tgenabled::text FROM pg_trigger WHERE tgname = $1",
             appends.APPEND_LOCK_TRIGGER,
         )
+        superuser = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = user")
     finally:
         await conn.close()
     assert state == "O"
@@ -85,6 +86,10 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
     assert budget["wal_bytes_per_event"] > 0
     assert any(note.startswith("Group commit, CPU per append") for note in payload["notes"])
     assert payload["server"]["server_version"]
+    # A superuser may checkpoint: then every figure started from one, and the method says so.
+    if superuser:
+        assert payload["checkpoint_before_each_figure"] is True
+        assert "and a CHECKPOINT" in md_path.read_text()
     assert "| measurement |" in md_path.read_text()
 
 
