@@ -782,7 +782,6 @@ class EventLog:
                     owner["owner_id"],
                     state.status,
                     state.seq,
-                    rows[-1]["position"],
                     _state_encoder.encode(state).decode(),
                     owner["recorded_at"],
                 )

@@ -19,9 +19,12 @@ SELECT j.last_seq, j.owner_id, j.state, e.hash
 
 -- name: job_head
 -- The projection row of one job: where its stream ends and its folded state there.
-SELECT job_id, project_id, owner_id, status, last_seq, last_position, state
-  FROM jobs
- WHERE job_id = $1;
+SELECT j.job_id, j.project_id, j.owner_id, j.status, j.last_seq,
+       (SELECT e.position FROM events e WHERE e.job_id = j.job_id AND e.seq = j.last_seq)
+           AS last_position,
+       j.state
+  FROM jobs j
+ WHERE j.job_id = $1;
 
 -- name: read_stream
 -- One job's events after a seq, in seq order.
@@ -62,14 +65,13 @@ SELECT DISTINCT job_id
 
 -- name: upsert_projection
 -- Write one job's projection row as rebuilt from its events.
-INSERT INTO jobs (job_id, project_id, owner_id, status, last_seq, last_position, state,
-                  created_at, updated_at, archive_expired)
-VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8, now(),
-        coalesce(($7::json ->> 'archiveExpired') = 'true', false))
+INSERT INTO jobs (job_id, project_id, owner_id, status, last_seq, state, created_at,
+                  updated_at, archive_expired)
+VALUES ($1, $2, $3, $4, $5, $6::json, $7, now(),
+        coalesce(($6::json ->> 'archiveExpired') = 'true', false))
 ON CONFLICT (job_id) DO UPDATE
    SET project_id = excluded.project_id, owner_id = excluded.owner_id,
-       status = excluded.status, last_seq = excluded.last_seq,
-       last_position = excluded.last_position, state = excluded.state,
+       status = excluded.status, last_seq = excluded.last_seq, state = excluded.state,
        archive_expired = excluded.archive_expired, updated_at = now();
 
 -- name: job_owner

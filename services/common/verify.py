@@ -48,7 +48,15 @@ SELECT r.job_id, e.hash
   JOIN events e ON e.job_id = r.job_id AND e.seq = r.seq
 """
 
-_ENDS = "SELECT job_id, last_seq, last_position FROM jobs WHERE job_id = ANY ($1::uuid[])"
+# Where each job's stream ends by the projection (last_seq) and where its last stored event is.
+# A job whose stored events end inside the range short of last_seq has lost events at its end;
+# the position comes from the log, so removing the last event cannot hide the loss.
+_ENDS = """
+SELECT j.job_id, j.last_seq,
+       (SELECT max(e.position) FROM events e WHERE e.job_id = j.job_id) AS last_position
+  FROM jobs j
+ WHERE j.job_id = ANY ($1::uuid[])
+"""
 
 _HEAD = "SELECT coalesce(max(position), 0) FROM events"
 
