@@ -512,6 +512,12 @@ async def test_an_append_the_statement_refuses_fails_alone(pool: asyncpg.Pool) -
     assert all(isinstance(r, AppendResult) for r in outcomes[:-1])
     for job in good:
         assert [e.seq for e in await log.read_stream(job)] == [1, 2, 3]
+    # The projection, updated before the insert (0012), went back with the refused append.
+    for job in [blocker, *good]:
+        state = await EventLog(pool).job_state(job)
+        assert state is not None
+        assert state.seq == 3
+        assert state == replay(await log.read_stream(job))
 
 
 async def test_events_out_of_order_within_one_append_are_refused_alone(pool: asyncpg.Pool) -> None:
