@@ -19,12 +19,9 @@ SELECT j.last_seq, j.owner_id, j.state, e.hash
 
 -- name: job_head
 -- The projection row of one job: where its stream ends and its folded state there.
-SELECT j.job_id, j.project_id, j.owner_id, j.status, j.last_seq,
-       (SELECT e.position FROM events e WHERE e.job_id = j.job_id AND e.seq = j.last_seq)
-           AS last_position,
-       j.state
-  FROM jobs j
- WHERE j.job_id = $1;
+SELECT job_id, project_id, owner_id, status, last_seq, state
+  FROM jobs
+ WHERE job_id = $1;
 
 -- name: read_stream
 -- One job's events after a seq, in seq order.
