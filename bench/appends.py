@@ -43,6 +43,7 @@ from services.common.eventlog import (
 from services.common.ids import uuid7
 from services.common.notifier import Notifier
 from services.common.queries import QUERIES
+from services.export.app import gc_pacer as export_gc_pacer
 
 from .common import (
     Context,
@@ -634,6 +635,9 @@ class Report:
     checkpoints: bool | None = None
     """Whether a checkpoint ran before each figure (None: not tried yet; False: this role may
     not run one)."""
+    gc: dict[str, Any] = field(default_factory=dict)
+    """The export service's schedule of full garbage collections, which the run used, and the
+    collections it ran."""
 
     def ratio(self, key: str, baseline: str | None) -> float | None:
         """Events/s of `key` over events/s of `baseline` (None when either is missing)."""
@@ -741,24 +745,43 @@ async def checkpoint(dsn: str) -> bool:
 async def measure_all(
     dsn: str, settings: Settings, *, progress: Callable[[str], None] | None = None
 ) -> Report:
-    """Run the whole plan against a migrated database (which it fills with events)."""
+    """Run the whole plan against a migrated database (which it fills with events).
+
+    The process collects its garbage as the export service's does (`EXPORT_GC_PACING`, on by
+    default): CPython's full collections, every few seconds under this load, held the group
+    commit up and made its p99 (see `services.common.gcpacer`)."""
     await create_raw_table(dsn)
     report = Report(settings=settings, specs=plan(settings))
-    for number, spec in enumerate(report.specs, start=1):
-        if progress is not None:
-            progress(f"[{number:2}/{len(report.specs)}] {spec.label.strip()} …")
-        await analyze(dsn)
-        if report.checkpoints is not False:
-            report.checkpoints = await checkpoint(dsn)
-        before = await _server_mark(dsn)
-        sample = await spec.measure(dsn, settings)
-        sample.extra.update(_server_figures(before, await _server_mark(dsn)))
-        report.samples[spec.key] = sample
-        if progress is not None:
-            progress(
-                f"        {sample.events_per_s:,.0f} events/s, {sample.transactions_per_s:,.0f} "
-                f"tx/s, p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms"
-            )
+    pacer = export_gc_pacer()
+    pacer.install()
+    pacing = asyncio.create_task(pacer.run(lambda: 0), name="bench-gc-pacer")
+    try:
+        for number, spec in enumerate(report.specs, start=1):
+            if progress is not None:
+                progress(f"[{number:2}/{len(report.specs)}] {spec.label.strip()} …")
+            await analyze(dsn)
+            if report.checkpoints is not False:
+                report.checkpoints = await checkpoint(dsn)
+            before = await _server_mark(dsn)
+            sample = await spec.measure(dsn, settings)
+            sample.extra.update(_server_figures(before, await _server_mark(dsn)))
+            report.samples[spec.key] = sample
+            if progress is not None:
+                progress(
+                    f"        {sample.events_per_s:,.0f} events/s, "
+                    f"{sample.transactions_per_s:,.0f} tx/s, p50 {sample.p50_ms:.2f} ms, "
+                    f"p99 {sample.p99_ms:.2f} ms"
+                )
+    finally:
+        pacing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacing
+        pacer.uninstall()
+    report.gc = {
+        "period_seconds": pacer.max_period,
+        "full_collections": pacer.collections,
+        "full_collection_seconds": round(pacer.seconds, 4),
+    }
     report.log_stats = await _log_stats(dsn)
     return report
 
@@ -1098,6 +1121,13 @@ def render(
             else "Before each figure: ANALYZE; no CHECKPOINT (this role may not run one), so "
             "a figure may wait on writes that earlier ones left."
         )
+        + (
+            f" Garbage collected as the export service does (EXPORT_GC_PACING): full "
+            f"collections every {report.gc['period_seconds']:g} s, "
+            f"{report.gc['full_collections']} in the run."
+            if report.gc
+            else ""
+        )
     )
     cpus = machine.get("cpu_count")
     figures, choices = figures_table(report), choices_table(report)
@@ -1172,6 +1202,7 @@ def render(
         **group_commit_json(report, cpus),
         "log": report.log_stats,
         "checkpoint_before_each_figure": report.checkpoints,
+        "gc_pacing": report.gc or None,
         "notes": notes,
     }
     return Rendered(text=text, markdown=markdown, payload=payload)

@@ -11,7 +11,7 @@ from aiohttp import web
 from services.common.logs import configure_logging
 from services.common.settings import SettingsError, from_env
 
-from .app import create_app
+from .app import create_app, gc_pacer
 from .config import ExportConfig
 
 
@@ -31,10 +31,13 @@ def main() -> None:
         loop_factory = uvloop.new_event_loop
     log = structlog.get_logger("services.export")
     log.info("export service starting", host=config.host, port=config.port)
+    pacer = gc_pacer() if config.gc_pacing else None
     try:
-        app = create_app(config)
+        app = create_app(config, gc_pacer=pacer)
     except ValueError as exc:
         sys.exit(f"exportlog-export: {exc}")
+    if pacer is not None:
+        pacer.install()  # after start-up: what it made is frozen, never walked again
     web.run_app(
         app,
         host=config.host,

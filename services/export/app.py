@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from services.common.auth import TokenVerifier
 from services.common.db import check_server_settings, create_pool, migrate, pending_migrations
 from services.common.eventlog import AppendMetrics, EventLog, GroupCommit
+from services.common.gcpacer import GcPacer
 from services.common.logs import quiet_unparsable_requests
 from services.common.notifier import Notifier
 from services.common.timing import within
@@ -28,6 +29,7 @@ from .config import ExportConfig
 from .keys import (
     CONFIG,
     EVENTLOG,
+    GC_PACER,
     JOB_COUNTS,
     METRICS,
     NOTIFIER,
@@ -42,6 +44,16 @@ from .retention import RetentionSweeper, retention_seconds
 from .worker import Worker
 
 log = structlog.get_logger(__name__)
+
+GC_PERIOD = 60.0
+"""Seconds between the export service's full garbage collections (see `gc_pacer`)."""
+
+
+def gc_pacer() -> GcPacer:
+    """The schedule of full collections the export service runs its process on: one a minute
+    (at most 2 % of the time), none in between; see `services.common.gcpacer`. The appends
+    benchmark installs the same one, so that its group-commit figures are the service's."""
+    return GcPacer(max_period=GC_PERIOD)
 
 
 async def _end_streams(app: web.Application) -> None:
@@ -102,6 +114,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
         tasks.append(asyncio.create_task(worker.run(), name="worker"))
         tasks.append(asyncio.create_task(job_counts.run(), name="job-counts"))
+        pacer = app.get(GC_PACER)
+        if pacer is not None:
+            # Nothing here ends in cycles the way a gateway's connections do: the period alone.
+            tasks.append(asyncio.create_task(pacer.run(lambda: 0), name="gc-pacer"))
         sweeper = RetentionSweeper(pool, eventlog, config, registry=registry)
         if sweeper.enabled:  # stopped before the worker: it may finish its batch
             tasks.append(asyncio.create_task(sweeper.run(), name="retention"))
@@ -175,8 +191,11 @@ def _verifier(config: ExportConfig) -> TokenVerifier:
     )
 
 
-def create_app(config: ExportConfig) -> web.Application:
-    """The export service; raises ValueError for configuration it cannot run with."""
+def create_app(config: ExportConfig, *, gc_pacer: GcPacer | None = None) -> web.Application:
+    """The export service; raises ValueError for configuration it cannot run with.
+
+    `gc_pacer`, installed for the process by its caller (`python -m services.export` does, as
+    `EXPORT_GC_PACING` says), runs its full collections while the app runs."""
     verifier = _verifier(config)
     retention_seconds(config)  # refuse a bad EXPORT_ARCHIVE_RETENTION before serving
     webroot.check_web_root(config.web_root)
@@ -193,6 +212,9 @@ def create_app(config: ExportConfig) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = http_metrics
     app[VERIFIER] = verifier
+    if gc_pacer is not None:
+        app[GC_PACER] = gc_pacer
+        gc_pacer.expose(http_metrics.registry, "export", "once a minute")
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_end_streams)
     app.add_routes(

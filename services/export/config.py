@@ -114,6 +114,14 @@ class ExportConfig:
             "help": "the gateway's WebSocket URL, told to the demo page by /demo/config.json"
         },
     )
+    gc_pacing: bool = field(
+        default=True,
+        metadata={
+            "help": "full garbage collections once a minute, not each time the heap grows by a "
+            "quarter (under a steady load of appends that was every few seconds, and each one "
+            "held the appends up)"
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     log_json: bool | None = field(
         default=None, metadata={"help": "JSON logs (default: when stderr is not a terminal)"}

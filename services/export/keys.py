@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.common.auth import TokenVerifier
 from services.common.eventlog import EventLog
+from services.common.gcpacer import GcPacer
 from services.common.notifier import Notifier
 from services.common.web import HttpMetrics
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 CONFIG = web.AppKey("config", ExportConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
 EVENTLOG = web.AppKey("eventlog", EventLog)
+GC_PACER = web.AppKey("gc_pacer", GcPacer)
+"""The process's schedule of full garbage collections, when the service runs one."""
 JOB_COUNTS = web.AppKey("job_counts", JobCounts)
 METRICS = web.AppKey("metrics", HttpMetrics)
 NOTIFIER = web.AppKey("notifier", Notifier)

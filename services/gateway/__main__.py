@@ -10,11 +10,11 @@ import sys
 
 import structlog
 
+from services.common.gcpacer import GcPacer
 from services.common.logs import configure_logging
 from services.common.settings import SettingsError, from_env
 
 from .config import GatewayConfig
-from .gcpacer import GcPacer
 from .server import Gateway
 
 

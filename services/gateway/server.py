@@ -50,6 +50,7 @@ from schemas.wire import (
 from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
+from services.common.gcpacer import GcPacer
 from services.common.queries import QUERIES
 from services.common.tailer import Tailer
 from services.common.timing import within
@@ -70,7 +71,6 @@ from .clients import (
     text_frame,
 )
 from .config import GatewayConfig
-from .gcpacer import GcPacer
 from .reader import Reader
 
 log = structlog.get_logger(__name__)
@@ -236,16 +236,7 @@ class Gateway:
         )
         self._replay_metrics = ReplayMetrics(self.registry)
         if gc_pacer is not None:
-            Gauge(
-                "gateway_gc_full_collections",
-                "Full garbage collections run by the gateway's pacer (after connections closed)",
-                registry=self.registry,
-            ).set_function(lambda: gc_pacer.collections)
-            Gauge(
-                "gateway_gc_full_seconds",
-                "Seconds spent in those collections, in all",
-                registry=self.registry,
-            ).set_function(lambda: gc_pacer.seconds)
+            gc_pacer.expose(self.registry, "gateway", "after connections closed")
         self._verifier = TokenVerifier(
             secret=config.jwt_secret or None,
             public_key=config.jwt_public_key or None,

@@ -7,6 +7,7 @@ until someone needed its numbers.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import asyncpg
 
 from bench import appends
 from bench.common import Sample, machine_info, server_info, write_results
+from services.common.gcpacer import NEVER
 
 # A fraction of a second per figure, two writers instead of sixteen, a small group commit.
 TINY = appends.Settings(
@@ -91,6 +93,11 @@ async def test_every_figure_is_produced_and_positive(database_url: str, tmp_path
         assert payload["checkpoint_before_each_figure"] is True
         assert "and a CHECKPOINT" in md_path.read_text()
     assert "| measurement |" in md_path.read_text()
+    # The run collected garbage on the export service's schedule, and gave the process back.
+    assert payload["gc_pacing"]["period_seconds"] == 60
+    assert "Garbage collected as the export service does" in md_path.read_text()
+    assert gc.get_threshold()[2] != NEVER
+    assert gc.get_freeze_count() == 0
 
 
 def test_the_cpu_budget_is_the_machine_time_of_one_append() -> None:

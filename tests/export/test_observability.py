@@ -3,6 +3,7 @@ of a request, job ids on every log line of a job, and the figures on /metrics.""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from services.common.gcpacer import NEVER, GcPacer
+from services.export.app import GC_PERIOD, create_app, gc_pacer
 from services.export.config import ExportConfig
 from tests.export.conftest import SECRET, Client, ClientFactory, auth
 from tests.export.test_api import start
@@ -71,6 +75,9 @@ async def test_log_lines_carry_the_request_and_the_job(
             return [line for line in lines() if line.get("event") == "export job left"]
 
         await wait_for(lambda: bool(left()), timeout=60, interval=0.05)
+        # The process runs its full collections on its own schedule (EXPORT_GC_PACING).
+        async with http.get(f"{base}/metrics") as response:
+            assert _sample(await response.text(), "export_gc_full_collections") is not None
     queued = [line for line in lines() if line.get("event") == "export queued"]
     assert [(line["request_id"], line["job_id"]) for line in queued] == [("req-42", job_id)]
     (ended,) = left()
@@ -80,6 +87,36 @@ async def test_log_lines_carry_the_request_and_the_job(
     assert "request_id" not in ended
     claimed = [line for line in lines() if line.get("event") == "export job claimed"]
     assert [line["job_id"] for line in claimed] == [job_id]
+
+
+async def test_the_service_runs_full_collections_on_its_own_schedule(
+    export_config: ExportConfig,
+) -> None:
+    """With a pacer installed, CPython never starts a full collection by itself; the service
+    runs them on the pacer's period, and says so on /metrics."""
+    saved = gc.get_threshold()
+    pacer = GcPacer(max_period=0.05, check_every=0.02)
+    client = TestClient(TestServer(create_app(export_config, gc_pacer=pacer)))
+    pacer.install()
+    try:
+        assert gc.get_threshold()[2] == NEVER
+        await client.start_server()
+        await wait_for(lambda: pacer.collections >= 2, timeout=10)
+        text = await (await client.get("/metrics")).text()
+        assert (_sample(text, "export_gc_full_collections") or 0) >= 2
+        assert (_sample(text, "export_gc_full_seconds") or 0) > 0
+    finally:
+        await client.close()
+        pacer.uninstall()
+        gc.set_threshold(*saved)
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_service_collects_once_a_minute() -> None:
+    pacer = gc_pacer()
+    assert (pacer.max_period, pacer.duty) == (GC_PERIOD, 0.02)
+    assert GC_PERIOD == 60.0
+    assert ExportConfig().gc_pacing
 
 
 def _sample(text: str, name: str, labels: str = "") -> float | None:

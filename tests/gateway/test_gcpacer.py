@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.common.gcpacer import NEVER, GcPacer
 from services.gateway.config import GatewayConfig
-from services.gateway.gcpacer import NEVER, GcPacer
 from services.gateway.server import Gateway
 from tests.gateway.conftest import SECRET, connect
 from tests.support import wait_for
