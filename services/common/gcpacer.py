@@ -15,7 +15,7 @@ walks every tracked object. Both services suffer from it, each in its own way.
   connection that ends.
 * The export service. Under a steady load of appends, the requests and events waiting for a
   group commit outlive the young collections, so the old generation keeps growing by a quarter
-  and CPython ran a full collection every 3 s at 15,000 appends/s, 10 to 21 ms each (they grow
+  and CPython ran a full collection every 3 s at 15,000 appends/s, 10 to 34 ms each (they grow
   with the heap, the modules included). While one ran, appends piled up behind the event loop,
   and each pause came back as a burst of 40 to 70 ms latencies that made the p99. Nothing it
   keeps ends in cycles the way connections do, so its pacer runs on the period alone.
