@@ -20,6 +20,7 @@ from services.common.db import check_server_settings, create_pool, migrate, pend
 from services.common.eventlog import AppendMetrics, EventLog, GroupCommit
 from services.common.gcpacer import GcPacer
 from services.common.logs import quiet_unparsable_requests
+from services.common.looplag import LoopLag
 from services.common.notifier import Notifier
 from services.common.timing import within
 from services.common.web import HttpMetrics, error_middleware, error_response, json_response
@@ -114,6 +115,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(notifier.run(), name="notifier"))
         tasks.append(asyncio.create_task(worker.run(), name="worker"))
         tasks.append(asyncio.create_task(job_counts.run(), name="job-counts"))
+        tasks.append(asyncio.create_task(LoopLag(registry, "export").run(), name="loop-lag"))
         pacer = app.get(GC_PACER)
         if pacer is not None:
             # Nothing here ends in cycles the way a gateway's connections do: the period alone.

@@ -51,6 +51,7 @@ from services.common.auth import AuthError, Principal, TokenVerifier
 from services.common.db import create_pool, pending_migrations
 from services.common.eventlog import EventLog
 from services.common.gcpacer import GcPacer
+from services.common.looplag import LoopLag
 from services.common.queries import QUERIES
 from services.common.tailer import Tailer
 from services.common.timing import within
@@ -178,6 +179,8 @@ class Gateway:
         self.registry = CollectorRegistry()
         self._gc_pacer = gc_pacer
         self._gc_task: asyncio.Task[None] | None = None
+        self._loop_lag = LoopLag(self.registry, "gateway")
+        self._lag_task: asyncio.Task[None] | None = None
         self._open_connections = 0
         self._events_read = Counter(
             "gateway_tail_events", "Events read from the log", registry=self.registry
@@ -283,6 +286,7 @@ class Gateway:
             registry=self.registry,
         ).set_function(lambda: len(cache))
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="gateway-heartbeats")
+        self._lag_task = asyncio.create_task(self._loop_lag.run(), name="gateway-loop-lag")
         if self._gc_pacer is not None:
             self._gc_task = asyncio.create_task(
                 self._gc_pacer.run(lambda: self._open_connections), name="gateway-gc"
@@ -295,9 +299,8 @@ class Gateway:
             poll_interval=self.config.poll_interval,
         )
         self._tail_task = asyncio.create_task(self._tailer.run(), name="gateway-tailer")
-        for task in (self._tail_task, self._reader_task, self._heartbeat_task, self._gc_task):
-            if task is not None:
-                task.add_done_callback(_report_death)
+        for task in self._background_tasks():
+            task.add_done_callback(_report_death)
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -317,6 +320,17 @@ class Gateway:
             backlog=self.config.backlog,
         )
         log.info("gateway listening", host=self.config.host, port=self.port)
+
+    def _background_tasks(self) -> list[asyncio.Task[None]]:
+        """The tasks the gateway runs beside its connections, those started so far."""
+        tasks = (
+            self._tail_task,
+            self._reader_task,
+            self._heartbeat_task,
+            self._gc_task,
+            self._lag_task,
+        )
+        return [task for task in tasks if task is not None]
 
     async def close(self) -> None:
         """Stop accepting, then stop reading, then release the database. Safe to call twice."""
@@ -349,11 +363,10 @@ class Gateway:
                 for client in list(self._clients):
                     client.connection.transport.abort()
                 await self._server.wait_closed()
-        for task in (self._tail_task, self._reader_task, self._heartbeat_task, self._gc_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._background_tasks():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._pool is not None:
             await self._pool.close()
         if self._http is not None:

@@ -143,3 +143,10 @@ async def test_metrics_count_appends_and_unfinished_jobs(make_client: ClientFact
     assert _sample(text, "export_group_commit_waiting") == 0.0
     assert _sample(text, "export_group_commit_appends_count") is not None
     assert job_id
+
+    async def lag_measured() -> bool:
+        text = await (await client.get("/metrics")).text()
+        return (_sample(text, "export_event_loop_lag_seconds_count") or 0) >= 1
+
+    # The event loop's own lag, a tick every 0.1 s.
+    await wait_for(lag_measured, timeout=10)

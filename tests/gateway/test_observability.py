@@ -44,6 +44,8 @@ async def test_metrics_follow_subscriptions_replays_and_live_events(
 
         await ws.send(json.dumps({"type": "unsubscribe", "jobId": str(job_id)}))
         await wait_for(lambda: sample(gateway, "gateway_subscriptions") == 0.0)
+        # The event loop's own lag, a tick every 0.1 s.
+        await wait_for(lambda: sample(gateway, "gateway_event_loop_lag_seconds_count") >= 1)
     finally:
         await ws.close()
 
