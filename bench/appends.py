@@ -100,7 +100,7 @@ class Settings:
     group_in_flight: int = 4
     group_min_alongside: int = 32
     group_seconds: float = 5.0
-    group_lower_rates: tuple[float, ...] = (15_000.0, 10_000.0, 7_500.0, 5_000.0, 2_500.0)
+    group_lower_rates: tuple[float, ...] = (17_500.0, 15_000.0, 10_000.0, 7_500.0, 5_000.0, 2_500.0)
     """Offered rates tried below the goal's: the highest one kept with p99 < 20 ms is what the
     log sustains on this machine."""
     group_sweep: tuple[int, ...] = (1, 10, 100, 1000)
