@@ -21,18 +21,54 @@ may see the job.
 from __future__ import annotations
 
 import os
+import struct
 import time
+from collections.abc import Iterator
 from uuid import UUID
+
+from asyncpg.pgproto.pgproto import UUID as _DriverUUID
 
 _VERSION_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
 _RANDOM_BITS = (1 << 62) - 1
 _NS_PER_MS = 1_000_000
+_RANDOM_CHUNK = 8 * 512
+
+
+_numbers: Iterator[tuple[int]] = iter(())
+"""Random 64-bit numbers from the operating system's source, read a few kB at a time: one system
+call per 512 ids instead of one per id. Taking one is a single step of a C iterator, which two
+threads cannot both take the same number from."""
+
+
+def _fresh_numbers() -> Iterator[tuple[int]]:
+    return struct.iter_unpack(">Q", os.urandom(_RANDOM_CHUNK))
+
+
+def _forget_numbers() -> None:
+    """A forked child must not make the ids its parent makes next."""
+    global _numbers
+    _numbers = iter(())
+
+
+os.register_at_fork(after_in_child=_forget_numbers)
 
 
 def uuid7() -> UUID:
     """A new UUID version 7, later in order than the ones made before it in this process (while
-    the clock does not go back; two threads within the same 0.25 µs compare by random bits)."""
+    the clock does not go back; two threads within the same 0.25 µs compare by random bits).
+
+    It is the database driver's UUID type: a `uuid.UUID` in every respect, whose text, bytes
+    and hash are computed in C, and which the driver sends without converting it. Every id an
+    append carries is formatted into its hash and sent to the database, 1.5 to 3 µs of the
+    writer's CPU per event with the standard library's class."""
+    global _numbers
+    try:
+        (random,) = next(_numbers)
+    except StopIteration:
+        _numbers = _fresh_numbers()
+        (random,) = next(_numbers)
     ms, within = divmod(time.time_ns(), _NS_PER_MS)
     fraction = within * 4096 // _NS_PER_MS
-    random = int.from_bytes(os.urandom(8), "big") & _RANDOM_BITS
-    return UUID(int=(ms << 80) | _VERSION_AND_VARIANT | (fraction << 64) | random)
+    value = (ms << 80) | _VERSION_AND_VARIANT | (fraction << 64) | (random & _RANDOM_BITS)
+    made: UUID = _DriverUUID(value.to_bytes(16, "big"))
+    return made

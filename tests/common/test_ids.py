@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+
+import asyncpg
 
 from services.common.eventlog import NewEvent
 from services.common.ids import uuid7
@@ -42,3 +45,30 @@ def test_new_events_get_a_version_7_id_unless_given_one() -> None:
     assert NewEvent(data=progress(1).data, actor="t").event_id.version == 7
     given = uuid.uuid4()
     assert NewEvent(data=progress(1).data, actor="t", event_id=given).event_id == given
+
+
+def test_a_forked_child_does_not_make_the_ids_its_parent_makes() -> None:
+    """Random bits are read ahead a few kB at a time; a forked child must not share them."""
+    uuid7()  # the parent has random bits in hand
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only writes and leaves
+        os.write(writer, uuid7().bytes)
+        os._exit(0)
+    os.close(writer)
+    made_there = uuid.UUID(bytes=os.read(reader, 16))
+    os.close(reader)
+    os.waitpid(child, 0)
+    made_here = uuid7()
+    random_bits = (1 << 62) - 1
+    assert made_here.int & random_bits != made_there.int & random_bits
+
+
+async def test_an_id_goes_to_the_database_and_back_unchanged(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        made = uuid7()
+        assert await conn.fetchval("SELECT $1::uuid", made) == made
+        assert await conn.fetchval("SELECT $1::uuid::text", made) == str(made)
+    finally:
+        await conn.close()
