@@ -356,15 +356,16 @@ class EventLog:
         if not self._waiting:
             self._waiting_since = loop.time()
         self._waiting.append((request, future))
-        self._start_flushes()
+        self._start_flushes(loop)
         # Cancelling the caller does not take the append back: it may commit all the same,
         # exactly as a cancelled single append may (retrying with the same event ids is safe).
         return await future
 
-    def _start_flushes(self, *, overdue: bool = False) -> None:
+    def _start_flushes(self, loop: asyncio.AbstractEventLoop, *, overdue: bool = False) -> None:
+        """`loop` is the running loop, passed in: asking for it costs a system call (getpid) on
+        CPython 3.11, and this runs for every append."""
         group = self._group
         assert group is not None
-        loop = asyncio.get_running_loop()
         while self._waiting and self._in_flight < group.in_flight:
             if self._in_flight and not overdue and len(self._waiting) < group.min_alongside:
                 # They leave together when a transaction under way ends, or at `max_wait`.
@@ -387,8 +388,9 @@ class EventLog:
         assert self._group is not None
         self._overdue = None
         if self._waiting:
+            loop = asyncio.get_running_loop()
             due = self._waiting_since + self._group.max_wait
-            self._start_flushes(overdue=asyncio.get_running_loop().time() >= due)
+            self._start_flushes(loop, overdue=loop.time() >= due)
 
     async def _flush(self, batch: list[_Waiting]) -> None:
         requests = [request for request, _ in batch]
@@ -426,7 +428,7 @@ class EventLog:
                     future.set_result(result)
         finally:
             self._in_flight -= 1
-            self._start_flushes()
+            self._start_flushes(asyncio.get_running_loop())
 
     async def _alone(
         self, request: AppendRequest

@@ -23,8 +23,9 @@ walks every tracked object. Both services suffer from it, each in its own way.
 The pacer runs one when connections have closed, as many as `churn` of those still open, or at
 the latest every `max_period` seconds; never more than a `duty` share of the time (after a
 collection that took d seconds, none for d / duty seconds). Young generations are still
-collected by CPython, as before. What the process made while starting (modules, classes, the
-settings) lives as long as it does: `install` freezes it, so no full collection walks it again.
+collected by CPython, as before (after `young` new objects where that is given). What the process
+made while starting (modules, classes, the settings) lives as long as it does: `install`
+freezes it, so no full collection walks it again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class GcPacer:
         "last_seconds",
         "max_period",
         "seconds",
+        "young",
     )
 
     def __init__(
@@ -64,10 +66,16 @@ class GcPacer:
         duty: float = 0.02,
         max_period: float = 600.0,
         check_every: float = 1.0,
+        young: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < duty <= 1:
             raise ValueError("duty must be in (0, 1]")
+        if young is not None and young < 1:
+            raise ValueError("young must be at least 1")
+        self.young = young
+        """Tracked objects allocated (net) between two young collections while installed; None
+        keeps CPython's threshold (700)."""
         self.churn = churn
         self.duty = duty
         self.max_period = max_period
@@ -89,7 +97,7 @@ class GcPacer:
         gc.freeze()
         self._saved = gc.get_threshold()
         young, middle, _ = self._saved
-        gc.set_threshold(young, middle, NEVER)
+        gc.set_threshold(self.young or young, middle, NEVER)
         self.last = self._clock()
 
     def uninstall(self) -> None:

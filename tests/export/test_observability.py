@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.common.gcpacer import NEVER, GcPacer
-from services.export.app import GC_PERIOD, create_app, gc_pacer
+from services.export.app import GC_PERIOD, GC_YOUNG, create_app, gc_pacer
 from services.export.config import ExportConfig
 from tests.export.conftest import SECRET, Client, ClientFactory, auth
 from tests.export.test_api import start
@@ -114,8 +114,8 @@ async def test_the_service_runs_full_collections_on_its_own_schedule(
 
 def test_the_service_collects_once_a_minute() -> None:
     pacer = gc_pacer()
-    assert (pacer.max_period, pacer.duty) == (GC_PERIOD, 0.02)
-    assert GC_PERIOD == 60.0
+    assert (pacer.max_period, pacer.duty, pacer.young) == (GC_PERIOD, 0.02, GC_YOUNG)
+    assert (GC_PERIOD, GC_YOUNG) == (60.0, 10_000)
     assert ExportConfig().gc_pacing
 
 

@@ -83,6 +83,17 @@ def test_install_takes_full_collections_over_and_uninstall_gives_them_back(
     assert gc.get_freeze_count() == 0
 
 
+def test_a_pacer_can_space_young_collections_out_while_installed(restore_gc: None) -> None:
+    before = gc.get_threshold()
+    pacer = GcPacer(young=10_000)
+    pacer.install()
+    assert gc.get_threshold() == (10_000, before[1], NEVER)
+    pacer.uninstall()
+    assert gc.get_threshold() == before
+    with pytest.raises(ValueError, match="young"):
+        GcPacer(young=0)
+
+
 async def test_the_cycles_of_closed_connections_are_freed_by_the_pacer(
     database_url: str, restore_gc: None
 ) -> None:
