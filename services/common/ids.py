@@ -57,8 +57,10 @@ def uuid7() -> UUID:
     """A new UUID version 7, later in order than the ones made before it in this process (while
     the clock does not go back; two threads within the same 0.25 µs compare by random bits).
 
-    It is the database driver's UUID type: a `uuid.UUID` in every respect, whose text, bytes
-    and hash are computed in C, and which the driver sends without converting it. Every id an
+    It is the database driver's UUID type, the one asyncpg returns for uuid columns: it passes
+    for a `uuid.UUID` (isinstance, equality, hash and order with the standard class, msgspec's
+    encoder) while its text, bytes and hash are computed in C, and the driver sends it without
+    converting it. Every id an
     append carries is formatted into its hash and sent to the database, 1.5 to 3 µs of the
     writer's CPU per event with the standard library's class."""
     global _numbers

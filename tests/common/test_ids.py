@@ -7,6 +7,7 @@ import time
 import uuid
 
 import asyncpg
+import msgspec
 
 from services.common.eventlog import NewEvent
 from services.common.ids import uuid7
@@ -18,6 +19,21 @@ def test_an_id_is_a_version_7_uuid_of_the_rfc_variant() -> None:
     assert value.version == 7
     assert value.variant == uuid.RFC_4122
     assert uuid.UUID(str(value)) == value
+
+
+def test_an_id_passes_for_the_standard_librarys_uuid() -> None:
+    earlier = uuid7()
+    value = uuid7()
+    same = uuid.UUID(str(value))
+    assert isinstance(value, uuid.UUID)
+    assert value == same
+    assert same == value
+    assert hash(value) == hash(same)
+    assert {same: 1}[value] == 1
+    assert earlier < same
+    assert uuid.UUID(str(earlier)) < value
+    assert msgspec.json.decode(msgspec.json.encode(value), type=uuid.UUID) == value
+    assert (str(value), value.bytes, value.int) == (str(same), same.bytes, same.int)
 
 
 def test_an_id_carries_the_millisecond_it_was_made() -> None:
