@@ -50,6 +50,13 @@ _PREFERRED_ACCOUNT = "postgres"
 _FALLBACK_ACCOUNT = "pgembed"
 # Settings the class guarantees (the DSN depends on them); callers may not override them.
 _RESERVED_SETTINGS = frozenset({"port", "listen_addresses", "unix_socket_directories"})
+DEFAULT_SETTINGS: Mapping[str, str] = {"wal_writer_delay": "10ms"}
+"""Settings the embedded server starts with unless the caller's `settings` say otherwise.
+
+`wal_writer_delay`: the WAL writer writes and syncs what appends have inserted every 10 ms
+instead of every 200, so that less is left for the commit of an append transaction to sync
+while it holds the append lock. With 1,000 jobs in a closed loop of appends (2-core AMD EPYC,
+five interleaved pairs) 2.5 to 6 % more events/s; see deploy/README.md."""
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _PG_CTL_WAIT_SECONDS = 60
 _LOCK_TIMEOUT_SECONDS = 180.0
@@ -374,7 +381,7 @@ class EmbeddedPostgres:
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
-        extra = dict(settings or {})
+        extra = {**DEFAULT_SETTINGS, **(settings or {})}
         for name in extra:
             if not _SETTING_NAME.match(name):
                 raise ValueError(f"invalid PostgreSQL setting name: {name!r}")

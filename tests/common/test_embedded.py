@@ -104,6 +104,8 @@ async def test_data_survives_restart_and_port_is_reused(
     assert url == f"postgresql://postgres@127.0.0.1:{_port(url)}/postgres"
     assert first.url == url
     assert first.database_url("other") == url.rsplit("/", 1)[0] + "/other"
+    # Started as the event log wants it (embedded.DEFAULT_SETTINGS).
+    assert [tuple(r) for r in await _query(url, "SHOW wal_writer_delay")] == [("10ms",)]
     await _query(url, "CREATE TABLE kept (id int PRIMARY KEY, note text)")
     await _query(url, "INSERT INTO kept VALUES (1, 'between runs')")
     await asyncio.to_thread(first.stop)
