@@ -60,9 +60,9 @@ def uuid7() -> UUID:
     It is the database driver's UUID type, the one asyncpg returns for uuid columns: it passes
     for a `uuid.UUID` (isinstance, equality, hash and order with the standard class, msgspec's
     encoder) while its text, bytes and hash are computed in C, and the driver sends it without
-    converting it. Every id an
-    append carries is formatted into its hash and sent to the database, 1.5 to 3 µs of the
-    writer's CPU per event with the standard library's class."""
+    converting it. Every id an append carries is made, formatted into its hash and sent to the
+    database: 3.3 µs of the writer's CPU per id with the standard library's class, 0.9 µs with
+    this one."""
     global _numbers
     try:
         (random,) = next(_numbers)
