@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from schemas.chain import GENESIS_HASH, BrokenLink, chain_hash, verify_chain
+from schemas.chain import GENESIS_HASH, BrokenLink, chain_hash, epoch_micros, verify_chain
 from schemas.events import Event, EventData, encode_data, type_of
 from schemas.state import JobState, fold, replay
 
@@ -247,6 +247,48 @@ def _rounds(prepared: Sequence[_Prepared]) -> list[list[int]]:
             rounds.append([])
         rounds[index].append(slot)
     return rounds
+
+
+# Packed arguments (migration 0013): each of append_events' arrays as one text, its elements
+# joined by the unit separator.
+_SEP = "\x1f"
+
+
+def _micros(moment: datetime) -> str:
+    """Epoch microseconds of an event's time, as the database driver would take the datetime
+    (a naive one is local time)."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone(UTC)
+    return str(epoch_micros(moment))
+
+
+def _bytea(value: bytes | None) -> str:
+    return "" if value is None else "\\x" + value.hex()
+
+
+# What append_events_packed takes packed, by position in append_events' arguments: the texts
+# (projects, owners, statuses, states, types, data, actors), the event times and the hashes.
+# The ids and the numbers stay binary arrays: the server parses them from text for as much CPU
+# as the driver spends encoding them.
+_PACKED_TEXTS = (3, 4, 5, 6, 9, 10, 11)
+_PACKED_TIMES = 12
+_PACKED_HASHES = (14, 15)
+
+
+def _packed(arguments: Sequence[Any]) -> list[Any] | None:
+    """`EventLog._arguments` as the append_events_packed query takes them; None when a text
+    holds the separator (a project, an owner or an actor may): that call goes as arrays."""
+    packed = list(arguments)
+    for index in _PACKED_TEXTS:
+        items: list[str] = arguments[index]
+        text = _SEP.join(items)
+        if text.count(_SEP) != len(items) - 1:
+            return None
+        packed[index] = text
+    packed[_PACKED_TIMES] = _SEP.join(map(_micros, arguments[_PACKED_TIMES]))
+    for index in _PACKED_HASHES:
+        packed[index] = _SEP.join(map(_bytea, arguments[index]))
+    return packed
 
 
 class EventLog:
@@ -486,15 +528,14 @@ class EventLog:
         rounds = _rounds(prepared)
         if len(rounds) <= 1:
             # The common case, whatever the batch size: one statement, one round trip.
-            rows = await conn.fetch(QUERIES["append_events"], *self._arguments(prepared))
-            return rows, prepared
+            return await self._call(conn, prepared), prepared
         # A job appended to more than once: one call per round, in one transaction; a round's
         # append expects the seq the previous round leaves, so it fails if that one failed.
         by_slot: dict[int, asyncpg.Record] = {}
         async with conn.transaction():
             for slots in rounds:
                 part = [prepared[slot] for slot in slots]
-                rows = await conn.fetch(QUERIES["append_events"], *self._arguments(part))
+                rows = await self._call(conn, part)
                 for slot, row in zip(slots, rows, strict=True):
                     by_slot[slot] = row
         return [by_slot[slot] for slot in range(len(prepared))], prepared
@@ -584,6 +625,19 @@ class EventLog:
                 )
             )
         return prepared
+
+    async def _call(
+        self, conn: asyncpg.Connection, prepared: Sequence[_Prepared]
+    ) -> list[asyncpg.Record]:
+        """One append_events call, packed when it can be (migration 0013), else as arrays."""
+        arguments = self._arguments(prepared)
+        packed = _packed(arguments)
+        rows: list[asyncpg.Record]
+        if packed is not None:
+            rows = await conn.fetch(QUERIES["append_events_packed"], *packed)
+        else:
+            rows = await conn.fetch(QUERIES["append_events"], *arguments)
+        return rows
 
     def _arguments(self, prepared: Sequence[_Prepared]) -> list[Any]:
         job_ids: list[UUID] = []

@@ -9,6 +9,16 @@ SELECT append_no, result, current_seq, first_position, last_position
                      $12::text[], $13::timestamptz[], $14::integer[], $15::bytea[], $16::bytea[],
                      $17::boolean);
 
+-- name: append_events_packed
+-- The same, with the texts, the event times (epoch microseconds) and the hashes (bytea hex text,
+-- '' for none) each packed as one text of its elements; see migration 0013.
+SELECT append_no, result, current_seq, first_position, last_position
+  FROM append_events($1::uuid[], $2::integer[], $3::integer[], unpack_fields($4),
+                     unpack_fields($5), unpack_fields($6), unpack_fields($7), $8::integer[],
+                     $9::uuid[], unpack_fields($10), unpack_fields($11), unpack_fields($12),
+                     unpack_micros($13), $14::integer[], unpack_fields($15, '')::bytea[],
+                     unpack_fields($16, '')::bytea[], $17::boolean);
+
 -- name: append_head
 -- What a writer needs to append to a job: where its stream ends, its folded state there, its
 -- owner, and the hash of its last event (by the (job_id, seq) key: one index probe).

@@ -29,6 +29,7 @@ from services.common.eventlog import (
     GroupCommit,
     JobClosedError,
     NewEvent,
+    _packed,
 )
 from services.common.queries import QUERIES
 from tests.support import cancelled, new_job, progress, queued, wait_for
@@ -665,3 +666,88 @@ async def test_a_row_without_a_hash_reads_only_its_predecessor_in_a_new_database
     finally:
         await writer.close()
         await reader.close()
+
+
+# -- packed arguments (migration 0013) -----------------------------------------------------------
+
+
+async def test_the_writer_sends_its_texts_times_and_hashes_packed(pool: asyncpg.Pool) -> None:
+    """A batch of several appends goes packed: each text, time and hash array as one text."""
+    log = EventLog(pool)
+    jobs = await _jobs(log, 3)
+    requests = [AppendRequest(job_id=job, expected_seq=2, events=[progress(0.5)]) for job in jobs]
+    async with pool.acquire() as conn:
+        packed = _packed(log._arguments(await log._prepare(conn, requests)))
+    assert packed is not None
+    assert all(isinstance(packed[index], str) for index in (3, 4, 5, 6, 9, 10, 11, 12, 14, 15))
+    assert packed[12].count("\x1f") == 2
+    assert all(isinstance(packed[index], list) for index in (0, 1, 2, 7, 8, 13))
+
+
+async def test_packed_fields_keep_empty_and_missing_elements(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT unpack_fields('')") == [""]
+        assert await conn.fetchval("SELECT unpack_fields('', '')") == [None]
+        assert await conn.fetchval("SELECT unpack_fields(E'a\\x1f\\x1fb')") == ["a", "", "b"]
+        assert await conn.fetchval("SELECT unpack_fields(E'\\x1fb', '')") == [None, "b"]
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 24, 5, 30, 0, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1900, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 2, 30, 0, 654321),  # naive: local time, as the driver takes it
+    ],
+)
+async def test_packed_event_times_are_stored_to_the_microsecond(
+    pool: asyncpg.Pool, moment: datetime
+) -> None:
+    log = EventLog(pool)
+    job = await new_job(log)
+    event = NewEvent(data=progress(0.5).data, actor="worker:w1", occurred_at=moment)
+    await log.append(job, 2, [event, progress(0.6)])
+    stored = (await log.read_stream(job))[2].occurred_at
+    expected = moment if moment.tzinfo is not None else moment.astimezone(UTC)
+    assert stored == expected
+    assert (await log.verify(job)).ok
+
+
+async def test_a_text_holding_the_separator_goes_as_arrays(pool: asyncpg.Pool) -> None:
+    """Projects, owners and actors are the caller's: one that holds the separator makes its
+    call go as arrays, whole and in order, alongside appends that hold none."""
+    log = grouped(pool)
+    odd = await new_job(log, project="p\x1f1", owner="al\x1fice")
+    plain = await new_job(log)
+    strange = NewEvent(data=progress(0.5).data, actor="worker:\x1fw1")
+    request = AppendRequest(job_id=plain, expected_seq=2, events=[strange])
+    async with pool.acquire() as conn:
+        assert _packed(log._arguments(await log._prepare(conn, [request]))) is None
+    results = await asyncio.gather(
+        log.append(odd, 2, [progress(0.5)]), log.append(plain, 2, [strange, progress(0.6)])
+    )
+    assert [r.last_seq for r in results] == [3, 4]
+    odd_events = await log.read_stream(odd)
+    assert {(e.project_id, e.actor) for e in odd_events[:1]} == {("p\x1f1", "user:al\x1fice")}
+    assert [e.actor for e in await log.read_stream(plain)][2:] == ["worker:\x1fw1", "worker:w1"]
+    assert (await log.verify(odd)).ok
+    assert (await log.verify(plain)).ok
+
+
+async def test_a_lone_append_the_writer_cannot_fold_goes_packed_and_conflicts(
+    pool: asyncpg.Pool,
+) -> None:
+    """One append whose status is unknown packs to '' (one empty element, not none)."""
+    log = EventLog(pool)
+    job = await new_job(log)
+    stranger = EventLog(pool)
+    request = AppendRequest(job_id=job, expected_seq=7, events=[progress(0.5)])
+    async with pool.acquire() as conn:
+        packed = _packed(stranger._arguments(await stranger._prepare(conn, [request])))
+        assert packed is not None
+        assert packed[5] == ""
+        (row,) = await conn.fetch(QUERIES["append_events_packed"], *packed)
+    assert (row["result"], row["current_seq"]) == ("conflict", 2)
