@@ -214,7 +214,8 @@ def export() -> dict[str, Any]:
         "reporting": {
             "off": {"median_seconds": 2.50},
             "on": {"median_seconds": 2.55},
-            "overhead_percent": 2.0,
+            "overhead_percent": 6.0,
+            "paired_overhead_percent": 2.0,
         },
     }
 
