@@ -32,7 +32,10 @@ _HASH_INPUT = b"%b36:%b,%d:%b,36:%b,%d:%b,%d:%b,%d:%b,%d:%b,%d:%b,%d:%b,"
 
 
 def epoch_micros(moment: datetime) -> int:
-    """Microseconds since the Unix epoch, exactly, for an aware datetime."""
+    """Microseconds since the Unix epoch, exactly. A naive datetime is local time, as the
+    database driver takes it."""
+    if moment.tzinfo is None:
+        moment = moment.astimezone(UTC)
     return (moment - _EPOCH) // _MICROSECOND
 
 
@@ -86,8 +89,6 @@ def chain_hash(
     """The hash of an event from its fields, as `event_hash` (for a writer that chains the
     events it appends before they are stored). A naive `occurred_at` is local time, as the
     database driver takes it."""
-    if occurred_at.tzinfo is None:
-        occurred_at = occurred_at.astimezone(UTC)
     number = b"%d" % seq
     micros = b"%d" % epoch_micros(occurred_at)
     kind = type.encode()

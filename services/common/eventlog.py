@@ -254,14 +254,6 @@ def _rounds(prepared: Sequence[_Prepared]) -> list[list[int]]:
 _SEP = "\x1f"
 
 
-def _micros(moment: datetime) -> str:
-    """Epoch microseconds of an event's time, as the database driver would take the datetime
-    (a naive one is local time)."""
-    if moment.tzinfo is None:
-        moment = moment.astimezone(UTC)
-    return str(epoch_micros(moment))
-
-
 def _bytea(value: bytes | None) -> str:
     return "" if value is None else "\\x" + value.hex()
 
@@ -285,7 +277,7 @@ def _packed(arguments: Sequence[Any]) -> list[Any] | None:
         if text.count(_SEP) != len(items) - 1:
             return None
         packed[index] = text
-    packed[_PACKED_TIMES] = _SEP.join(map(_micros, arguments[_PACKED_TIMES]))
+    packed[_PACKED_TIMES] = _SEP.join(map(str, map(epoch_micros, arguments[_PACKED_TIMES])))
     for index in _PACKED_HASHES:
         packed[index] = _SEP.join(map(_bytea, arguments[index]))
     return packed
