@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from uuid import UUID
 
@@ -228,3 +229,17 @@ def test_times_hash_at_microsecond_precision_whatever_the_zone() -> None:
     assert link(1, GENESIS_HASH, occurred_at=moment).hash != (
         link(1, GENESIS_HASH, occurred_at=one_later).hash
     )
+
+
+def test_a_naive_time_is_local_time_as_the_driver_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POSIX zone string needs no time zone database: EST5 is five hours behind UTC."""
+    monkeypatch.setenv("TZ", "EST5")
+    time.tzset()
+    try:
+        naive = datetime(2026, 1, 1, 12, 0, 0, 123456)
+        assert epoch_micros(naive) == epoch_micros(
+            datetime(2026, 1, 1, 17, 0, 0, 123456, tzinfo=UTC)
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
