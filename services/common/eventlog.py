@@ -250,8 +250,8 @@ def _rounds(prepared: Sequence[_Prepared]) -> list[list[int]]:
     return rounds
 
 
-# Packed arguments (migration 0013): each of append_events' arrays as one text, its elements
-# joined by the unit separator.
+# Packed arguments (migration 0013): some of append_events' arrays each sent as one text, its
+# elements joined by the unit separator.
 _SEP = "\x1f"
 
 
