@@ -943,9 +943,13 @@ def _group_notes(report: Report, cpus: int | None = None) -> list[str]:
             f"{s.p99_ms:.1f} ms, {s.extra.get('appends_per_transaction')} per tx"
             for jobs, s in closed
         )
+        most, _ = closed[-1]
         lines.append(
             "Group commit, closed loop (each job waits for its append before the next; the "
-            f"most the log takes at that concurrency): {points}."
+            f"most the log takes at that concurrency): {points}; at {most:,} jobs "
+            f"{_fmt_ratio(report.ratio(f'group_closed_{most}', f'raw_insert_{n}'))} of raw "
+            f"single-row INSERTs on {n} connections (the open loop's ratio is capped by what "
+            "it offers)."
         )
     budget = cpu_budget(report, cpus)
     if budget is not None:
