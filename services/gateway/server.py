@@ -507,6 +507,12 @@ class Gateway:
     async def _serve(self, connection: ServerConnection, principal: Principal, token: str) -> None:
         """An authenticated connection, from its `authenticated` answer to its end."""
         _limit_send_buffer(connection, self.config.send_buffer)
+        # The opening handshake's headers (a browser's run to kilobytes with its cookies) have
+        # been read: an idle connection need not keep them, nor the response's, for its life.
+        # (The request itself stays: websockets tells the handshake from frames by it.)
+        for handshake in (connection.request, connection.response):
+            if handshake is not None:
+                handshake.headers.clear()
         assert self._reader is not None
         client = Client(
             connection,
@@ -610,27 +616,33 @@ class Gateway:
                 client.close_soon(CLOSE_LIMIT, "too many messages")
                 continue
             allowance -= 1.0
-            message = decode_message(raw)
-            if isinstance(message, str):
-                client.error("invalid_message", message)
-                continue
-            match message:
-                case Subscribe():
-                    await self._subscribe(client, message)
-                case CancelExport(job_id=job_id):
-                    await self._cancel(client, job_id)
-                case Unsubscribe():
-                    key = stream_key(message)
-                    if isinstance(key, str):
-                        client.error("invalid_message", key)
-                    elif key not in client.subscriptions:
-                        client.error("not_subscribed", "not following that stream")
-                    else:
-                        client.drop(key)
-                case Authenticate():
-                    client.error("invalid_message", "already authenticated")
-                case Ping():
-                    client.send(_PONG)
+            await self._on_message(client, raw)
+            # Not kept while the next message is awaited: an idle connection holds no message.
+            del raw
+
+    async def _on_message(self, client: Client, raw: str | bytes) -> None:
+        """Answer one message from an authenticated client."""
+        message = decode_message(raw)
+        if isinstance(message, str):
+            client.error("invalid_message", message)
+            return
+        match message:
+            case Subscribe():
+                await self._subscribe(client, message)
+            case CancelExport(job_id=job_id):
+                await self._cancel(client, job_id)
+            case Unsubscribe():
+                key = stream_key(message)
+                if isinstance(key, str):
+                    client.error("invalid_message", key)
+                elif key not in client.subscriptions:
+                    client.error("not_subscribed", "not following that stream")
+                else:
+                    client.drop(key)
+            case Authenticate():
+                client.error("invalid_message", "already authenticated")
+            case Ping():
+                client.send(_PONG)
 
     async def _subscribe(self, client: Client, message: Subscribe) -> bool:
         """Start a subscription, or answer why not; False when the client was closed."""

@@ -279,6 +279,37 @@ async def test_heartbeats_and_pings_let_a_browser_see_the_server_is_alive(
         await gateway.close()
 
 
+async def test_an_authenticated_connection_keeps_no_handshake_headers(
+    gateway: Gateway, eventlog: EventLog
+) -> None:
+    """A browser's handshake brings kilobytes of headers (cookies): once the connection is
+    authenticated, the gateway keeps none of them for the connection's life, and it goes on
+    working, with a token offered in the headers as well as in a message."""
+    job = await new_job(eventlog)
+    cookie = "session=" + "c" * 4000
+    async with (
+        await connect(gateway) as by_message,
+        websockets.connect(
+            f"ws://127.0.0.1:{gateway.port}/ws",
+            additional_headers={"Cookie": cookie},
+            subprotocols=[Subprotocol(SUBPROTOCOL), Subprotocol(f"bearer.{token()}")],
+        ) as by_header,
+    ):
+        assert json.loads(await by_header.recv())["type"] == "authenticated"
+        await wait_for(lambda: len(gateway._clients) == 2)
+        for client in gateway._clients:
+            request, response = client.connection.request, client.connection.response
+            assert request is not None
+            assert response is not None
+            assert not request.headers
+            assert not response.headers
+        for ws in (by_message, by_header):
+            await ws.send(json.dumps({"type": "subscribe", "jobId": str(job)}))
+            await receive_until(ws, lambda m: m["type"] == "export:caught-up")
+            await ws.send(json.dumps({"type": "ping"}))
+            await receive_until(ws, lambda m: m["type"] == "pong")
+
+
 async def silent_client(gateway: Gateway) -> asyncio.StreamWriter:
     """A client that completes the handshake, authenticates and then goes silent: it never
     reads again, so it answers neither pings nor a closing handshake (a laptop shut
