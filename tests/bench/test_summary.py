@@ -71,7 +71,15 @@ def test_one_table_of_every_headline_figure(tmp_path: Path) -> None:
     socketio = _rows(table, "socketio")
     assert socketio[0].ratio == "3.99×"
     assert socketio[0].met is False
-    assert socketio[2].measured == "0 of 800"
+    full_speed = _figure(socketio, "latency p99 at full speed")
+    assert (full_speed.measured, full_speed.baseline, full_speed.ratio) == (
+        "58.6 ms",
+        "python-socketio: 85.2 ms",
+        "0.69×",
+    )
+    memory = _figure(socketio, "memory per idle connection")
+    assert (memory.measured, memory.baseline) == ("14.5 kB", "python-socketio: 31.4 kB")
+    assert _figure(socketio, "events lost").measured == "0 of 800"
 
     export = _rows(table, "export")
     assert export[0].met is True
