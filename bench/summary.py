@@ -441,32 +441,31 @@ def socketio_rows(data: Mapping[str, Any]) -> list[Row]:
         ),
     ]
     # The side-by-side also asks for latency and memory, for both servers.
-    p99 = _number(_get(gateway, "latency_ms", "p99"))
-    sio_p99 = _number(_get(sio, "latency_ms", "p99"))
-    if p99 is not None or sio_p99 is not None:
-        rows.append(
-            Row(
-                "socketio",
-                f"latency p99 at full speed, {clients:,} clients (mostly queueing)",
-                _ms(p99),
-                f"python-socketio: {_ms(sio_p99)}",
-                _times(_ratio(p99, sio_p99)),
-                values={"p99_ms": p99, "socketio_p99_ms": sio_p99},
+    for figure, value, sio_value, show in (
+        (
+            f"latency p99 at full speed, {clients:,} clients (mostly queueing)",
+            _number(_get(gateway, "latency_ms", "p99")),
+            _number(_get(sio, "latency_ms", "p99")),
+            _ms,
+        ),
+        (
+            f"memory per idle connection, {clients:,} open (RSS)",
+            _number(gateway.get("bytes_per_idle_connection")),
+            _number(sio.get("bytes_per_idle_connection")),
+            _kb,
+        ),
+    ):
+        if value is not None or sio_value is not None:
+            rows.append(
+                Row(
+                    "socketio",
+                    figure,
+                    show(value),
+                    f"python-socketio: {show(sio_value)}",
+                    _times(_ratio(value, sio_value)),
+                    values={"gateway": value, "python-socketio": sio_value},
+                )
             )
-        )
-    memory = _number(gateway.get("bytes_per_idle_connection"))
-    sio_memory = _number(sio.get("bytes_per_idle_connection"))
-    if memory is not None or sio_memory is not None:
-        rows.append(
-            Row(
-                "socketio",
-                f"memory per idle connection, {clients:,} open (RSS)",
-                _kb(memory),
-                f"python-socketio: {_kb(sio_memory)}",
-                _times(_ratio(memory, sio_memory)),
-                values={"bytes": memory, "socketio_bytes": sio_memory},
-            )
-        )
     if gateway.get("missed_after_gap") is not None:
         gap = _number(_get(data, "settings", "gap_seconds"))
         rows.append(
