@@ -236,15 +236,29 @@ async def test_the_database_refuses_one_job_twice_in_one_call(pool: asyncpg.Pool
 
 @pytest.mark.parametrize(
     ("numbers", "counts"),
-    [([1, 1], [1, 1]), ([1, 3], [1, 1]), ([1, 2], [2, 1]), ([0, 1], [1, 1])],
-    ids=["an append without events", "a number out of range", "a count too high", "number 0"],
+    [
+        ([1, 1], [1, 1]),
+        ([1, 3], [1, 1]),
+        ([1, 2], [2, 1]),
+        ([0, 1], [1, 1]),
+        ([-1, 2], [1, 1]),
+        ([1, 2], [None, 1]),
+    ],
+    ids=[
+        "an append without events",
+        "a number out of range",
+        "a count too high",
+        "number 0",
+        "a negative number in place of 1",
+        "a count missing",
+    ],
 )
 async def test_the_database_refuses_appends_numbered_unlike_their_counts(
-    pool: asyncpg.Pool, numbers: list[int], counts: list[int]
+    pool: asyncpg.Pool, numbers: list[int], counts: list[int | None]
 ) -> None:
     """Migration 0009 reads everything an append carries by its number: numbers that do not run
     1 to n, or counts that do not match the events, would misfile it, so the call is refused
-    before anything is written."""
+    before anything is written (0014 closed the last two cases)."""
     log = EventLog(pool)
     jobs = [await new_job(log), await new_job(log)]
     async with pool.acquire() as conn:
