@@ -54,6 +54,7 @@ from .common import (
     busy_cores,
     connections,
     drive,
+    kept_up,
     machine_cpu,
     pool,
     run_benchmark,
@@ -908,7 +909,7 @@ def _group_notes(report: Report, cpus: int | None = None) -> list[str]:
         target = settings.group_rate
         verdict = (
             "goal met"
-            if goal.events_per_s >= 0.98 * target and goal.p99_ms < 20
+            if kept_up(goal.events_per_s, target) and goal.p99_ms < 20
             else "goal NOT met"
         )
         lines.append(
@@ -1011,7 +1012,7 @@ def _sustained(report: Report) -> tuple[float, Sample] | None:
         (rate, report.samples.get(f"group_open_{rate:.0f}")) for rate in settings.group_lower_rates
     ]
     for rate, sample in sorted(candidates, key=lambda pair: -pair[0]):
-        if sample is not None and sample.events_per_s >= 0.98 * rate and sample.p99_ms < 20:
+        if sample is not None and kept_up(sample.events_per_s, rate) and sample.p99_ms < 20:
             return rate, sample
     return None
 

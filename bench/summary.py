@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import DEFAULT_RESULTS_DIR, Table, cpu_model, format_duration, utc_timestamp
+from .common import (
+    DEFAULT_RESULTS_DIR,
+    Table,
+    cpu_model,
+    format_duration,
+    kept_up,
+    utc_timestamp,
+)
 
 __all__ = [
     "GOALS",
@@ -210,7 +217,9 @@ def appends_rows(data: Mapping[str, Any]) -> list[Row]:
     raw = _number(group.get("raw_events_per_s"))
     met = None
     if rate is not None and p99 is not None:
-        met = rate >= GOALS["group_commit_events_per_s"] and p99 < GOALS["group_commit_p99_ms"]
+        met = (
+            kept_up(rate, GOALS["group_commit_events_per_s"]) and p99 < GOALS["group_commit_p99_ms"]
+        )
     jobs = group.get("jobs")
     rows.append(
         Row(
